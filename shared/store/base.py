@@ -1,0 +1,302 @@
+"""The `Store` interface and the parts both SQL backends share.
+
+Times cross the interface as UTC seconds since the epoch (floats). In the database they are
+stored with microsecond precision: DATETIME(6) on MySQL, and on SQLite text in the form
+'YYYY-MM-DD HH:MM:SS.ffffff', which sorts in time order. Both backends use the same text form
+as query parameters, because MySQL accepts it for DATETIME columns.
+"""
+
+import base64
+import binascii
+import logging
+import math
+import threading
+from abc import ABC, abstractmethod
+from datetime import datetime, timedelta
+from typing import Any, Self
+
+from shared.errors import StoreError
+from shared.store.records import InstanceRecord, TaskRecord
+
+logger = logging.getLogger(__name__)
+
+# Bump this and add the upgrade steps to both backends when the schema changes.
+SCHEMA_VERSION = 1
+
+TASK_COLUMNS = (
+    "id",
+    "provider_id",
+    "instance_id",
+    "user_id",
+    "task_type",
+    "status",
+    "progress",
+    "status_message",
+    "error_message",
+    "task_data",
+    "result",
+    "timeout_seconds",
+    "attempts",
+    "version",
+    "created_at",
+    "started_at",
+    "completed_at",
+    "updated_at",
+)
+TASK_TIME_COLUMNS = ("created_at", "started_at", "completed_at", "updated_at")
+
+INSTANCE_COLUMNS = ("id", "provider_id", "status", "last_task_id", "version", "updated_at")
+INSTANCE_TIME_COLUMNS = ("updated_at",)
+
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 500
+
+_EPOCH = datetime(1970, 1, 1)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def epoch_to_micros(seconds: float) -> int:
+    """Round UTC epoch seconds to whole microseconds, the precision of the time columns."""
+    if not math.isfinite(seconds):
+        raise ValueError(f"time {seconds!r} is not a finite number of seconds")
+    return round(seconds * 1_000_000)
+
+
+def format_micros(micros: int) -> str:
+    """Format UTC epoch microseconds as 'YYYY-MM-DD HH:MM:SS.ffffff'."""
+    return (_EPOCH + micros * _MICROSECOND).isoformat(" ", "microseconds")
+
+
+def format_time(seconds: float | None) -> str | None:
+    """Convert UTC epoch seconds to the text form of the time columns, or None to None."""
+    if seconds is None:
+        return None
+    return format_micros(epoch_to_micros(seconds))
+
+
+def parse_time(value: datetime | str | None) -> float | None:
+    """Convert a time column value (a naive UTC datetime or its text form) to epoch seconds."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return ((value - _EPOCH) // _MICROSECOND) / 1_000_000
+
+
+def clamp_progress(progress: float) -> float:
+    """Clamp a progress percentage to 0-100, turning NaN into 0."""
+    if math.isnan(progress):
+        return 0.0
+    return min(max(float(progress), 0.0), 100.0)
+
+
+def task_parameters(task: TaskRecord) -> tuple:
+    """Return the values of one task row in `TASK_COLUMNS` order."""
+    return (
+        task.id,
+        task.provider_id,
+        task.instance_id,
+        task.user_id,
+        task.task_type,
+        task.status,
+        clamp_progress(task.progress),
+        task.status_message,
+        task.error_message,
+        task.task_data,
+        task.result,
+        task.timeout_seconds,
+        task.attempts,
+        task.version,
+        format_time(task.created_at),
+        format_time(task.started_at),
+        format_time(task.completed_at),
+        format_time(task.updated_at),
+    )
+
+
+def instance_parameters(instance: InstanceRecord) -> tuple:
+    """Return the values of one instance row in `INSTANCE_COLUMNS` order."""
+    return (
+        instance.id,
+        instance.provider_id,
+        instance.status,
+        instance.last_task_id,
+        instance.version,
+        format_time(instance.updated_at),
+    )
+
+
+def batch_parameters(tasks: list[TaskRecord], instances: list[InstanceRecord]) -> tuple[list[tuple], list[tuple]]:
+    """Convert a batch to row tuples, raising StoreError that names the first invalid record."""
+    task_rows = []
+    for task in tasks:
+        try:
+            task_rows.append(task_parameters(task))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise StoreError(f"task {task.id!r} has an invalid value and the batch was not written: {exc}") from exc
+
+    instance_rows = []
+    for instance in instances:
+        try:
+            instance_rows.append(instance_parameters(instance))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise StoreError(
+                f"instance {instance.provider_id!r}/{instance.id!r} has an invalid value"
+                f" and the batch was not written: {exc}"
+            ) from exc
+    return task_rows, instance_rows
+
+
+def encode_cursor(created_at: float, task_id: str) -> str:
+    """Encode the keyset position (created_at, id) as a URL-safe string."""
+    payload = f"{epoch_to_micros(created_at)}|{task_id}".encode("utf-8")
+    return base64.urlsafe_b64encode(payload).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """Decode a cursor into (created_at in epoch microseconds, task id)."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        payload = base64.urlsafe_b64decode(padded.encode("ascii")).decode("utf-8")
+        micros_text, task_id = payload.split("|", 1)
+        return int(micros_text), task_id
+    except (binascii.Error, UnicodeError, ValueError):
+        raise StoreError(
+            f"invalid cursor {cursor!r}: pass the value that cursor_for() returned for the last row of a page"
+        ) from None
+
+
+class Store(ABC):
+    """A connection to the SQL mirror of task and instance state.
+
+    One instance may be shared between threads: a lock serialises calls on its single
+    connection. Call `init_schema()` once before the first write.
+    """
+
+    # The driver's query parameter marker.
+    placeholder = "?"
+
+    def __init__(self, display_url: str) -> None:
+        # The URL with any password replaced by ***, for messages and logs.
+        self.display_url = display_url
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.display_url!r})"
+
+    @abstractmethod
+    def init_schema(self) -> None:
+        """Create the tables or upgrade them to `SCHEMA_VERSION`. Running it again changes nothing."""
+
+    @abstractmethod
+    def write_batch(self, tasks: list[TaskRecord], instances: list[InstanceRecord]) -> None:
+        """Upsert tasks and instances in one transaction.
+
+        A row is inserted, or updated only when the record's `version` is greater than the
+        stored one, so replayed records never move a row back. Raises StoreError.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the connection. Calling it again does nothing."""
+
+    @abstractmethod
+    def _select(self, sql: str, parameters: tuple | list) -> list[dict[str, Any]]:
+        """Run one SELECT and return its rows as dicts keyed by column name."""
+
+    def get_task(self, task_id: str) -> dict[str, Any] | None:
+        """Return the task row with every column, times as epoch seconds, or None if it is missing."""
+        sql = f"SELECT {', '.join(TASK_COLUMNS)} FROM taskvisor_tasks WHERE id = {self.placeholder}"
+        rows = self._select(sql, (task_id,))
+        if not rows:
+            return None
+        return _convert_times(rows[0], TASK_TIME_COLUMNS)
+
+    def list_tasks(
+        self,
+        *,
+        status: str | None = None,
+        provider: str | None = None,
+        user: str | None = None,
+        instance: str | None = None,
+        task_type: str | None = None,
+        limit: int = DEFAULT_LIST_LIMIT,
+        before: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Return task rows that match every given filter, newest first.
+
+        `limit` is clamped to 1-500. To get the next page, pass `cursor_for(last_row)` as
+        `before`. Pages are cut on (created_at, id), so rows written meanwhile never make
+        another row repeat or go missing.
+        """
+        marker = self.placeholder
+        filters = (
+            ("status", status),
+            ("provider_id", provider),
+            ("user_id", user),
+            ("instance_id", instance),
+            ("task_type", task_type),
+        )
+        conditions = []
+        parameters: list[Any] = []
+        for column, value in filters:
+            if value is not None:
+                conditions.append(f"{column} = {marker}")
+                parameters.append(value)
+
+        if before is not None:
+            created_micros, task_id = decode_cursor(before)
+            created_at = format_micros(created_micros)
+            conditions.append(f"(created_at < {marker} OR (created_at = {marker} AND id < {marker}))")
+            parameters.extend((created_at, created_at, task_id))
+
+        where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
+        sql = (
+            f"SELECT {', '.join(TASK_COLUMNS)} FROM taskvisor_tasks {where}"
+            f"ORDER BY created_at DESC, id DESC LIMIT {marker}"
+        )
+        parameters.append(min(max(int(limit), 1), MAX_LIST_LIMIT))
+        rows = self._select(sql, parameters)
+        return [_convert_times(row, TASK_TIME_COLUMNS) for row in rows]
+
+    @staticmethod
+    def cursor_for(row: dict[str, Any]) -> str:
+        """Return the `before` cursor that continues a listing after `row`."""
+        return encode_cursor(row["created_at"], row["id"])
+
+    def get_instance(self, provider: str, instance_id: str) -> dict[str, Any] | None:
+        """Return the instance row, its time as epoch seconds, or None if it is missing."""
+        marker = self.placeholder
+        sql = (
+            f"SELECT {', '.join(INSTANCE_COLUMNS)} FROM taskvisor_instances"
+            f" WHERE provider_id = {marker} AND id = {marker}"
+        )
+        rows = self._select(sql, (provider, instance_id))
+        if not rows:
+            return None
+        return _convert_times(rows[0], INSTANCE_TIME_COLUMNS)
+
+    def count_by_status(self) -> dict[str, int]:
+        """Return the number of tasks in each status; statuses with no tasks are absent."""
+        rows = self._select("SELECT status, COUNT(*) AS task_count FROM taskvisor_tasks GROUP BY status", ())
+        return {row["status"]: int(row["task_count"]) for row in rows}
+
+    def _versions_to_apply(self, stored_version: int) -> range:
+        """Return the schema versions to apply after `stored_version` (0 for an empty database)."""
+        if stored_version > SCHEMA_VERSION:
+            raise StoreError(
+                f"database {self.display_url} has schema version {stored_version}, but this taskvisor"
+                f" supports at most version {SCHEMA_VERSION}: upgrade taskvisor or use another database"
+            )
+        return range(stored_version + 1, SCHEMA_VERSION + 1)
+
+def _convert_times(row: dict[str, Any], time_columns: tuple[str, ...]) -> dict[str, Any]:
+    for column in time_columns:
+        row[column] = parse_time(row[column])
+    return row

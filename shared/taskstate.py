@@ -1,0 +1,192 @@
+"""Atomic task state changes in Redis, through the Lua scripts in `shared/lua/`.
+
+Every change of a task's status goes through one of these methods. Each runs one
+script, which checks the move against the transition table from `shared/states.py`,
+updates the task hash and the instance hash, and appends the new state to the
+provider's event stream in the same atomic step. The SQL mirror follows that stream.
+"""
+
+import logging
+from importlib import resources
+
+import orjson
+import redis
+
+from shared.keys import WORKER_GROUP, Keys
+from shared.redaction import Redactor
+from shared.schema import TaskSpec
+from shared.states import TERMINAL_STATUSES, TaskStatus, lua_transition_table
+
+log = logging.getLogger(__name__)
+
+SCRIPT_NAMES = ("admit", "start", "finish", "progress", "renew", "dead_letter")
+
+
+def _script_source(name: str) -> str:
+    folder = resources.files("shared") / "lua"
+    common = (folder / "common.lua").read_text(encoding="utf-8")
+    body = (folder / f"{name}.lua").read_text(encoding="utf-8")
+    return lua_transition_table() + common + "\n" + body
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+class StartResult:
+    """What happened when a worker tried to start a task.
+
+    `outcome` is "ok" (the worker now owns it), "busy" (another live worker holds its
+    lease), "finished" (it already ended), "cancelling" (a cancel is under way and its
+    worker is gone) or "duplicate" (the id belongs to an earlier entry).
+    """
+
+    def __init__(self, reply: list) -> None:
+        self.outcome = _text(reply[0])
+        self.detail = _text(reply[1]) if len(reply) > 1 else ""
+
+    @property
+    def attempts(self) -> int:
+        return int(self.detail) if self.outcome == "ok" else 0
+
+
+class TaskState:
+    """Task state operations for one Redis client and key prefix."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, events_max_len: int, dead_max_len: int, redactor: Redactor) -> None:
+        self.client = client
+        self.keys = keys
+        self.events_max_len = events_max_len
+        self.dead_max_len = dead_max_len
+        self.redactor = redactor
+        self.scripts = {name: client.register_script(_script_source(name)) for name in SCRIPT_NAMES}
+
+    def public_fields(self, spec: TaskSpec, timeout: float) -> list[str]:
+        """Field/value pairs stored for a new task; `data` is redacted here."""
+        data = orjson.dumps(self.redactor.redact(spec.data)).decode()
+        return [
+            "id", spec.id,
+            "provider", spec.provider,
+            "type", str(spec.type),
+            "instance", spec.instance,
+            "user", spec.user,
+            "timeout", repr(float(timeout)),
+            "data", data,
+            "entry", spec.entry,
+        ]  # fmt: skip
+
+    def claim_id(self, spec: TaskSpec) -> str | None:
+        """Reserve the task id for this entry across all providers.
+
+        Returns None when the id is free or already belongs to this same entry, and
+        otherwise `<provider> <entry>` of the first task that took the id.
+        """
+        owner = f"{spec.provider} {spec.entry}"
+        index = self.keys.task_index()
+        if self.client.hsetnx(index, spec.id, owner):
+            return None
+        current = _text(self.client.hget(index, spec.id) or b"")
+        if current in ("", owner):
+            return None
+        return current
+
+    def admit(self, spec: TaskSpec, timeout: float, pipe: redis.client.Pipeline | None = None) -> object:
+        """Register the task as pending unless it exists (used by the intake)."""
+        provider = spec.provider
+        return self.scripts["admit"](
+            keys=[self.keys.task(provider, spec.id), self.keys.events(provider)],
+            args=[self.events_max_len, *self.public_fields(spec, timeout)],
+            client=pipe,
+        )
+
+    def start(self, spec: TaskSpec, timeout: float, owner: str, lease_ms: int, running_rule: str) -> StartResult:
+        provider = spec.provider
+        reply = self.scripts["start"](
+            keys=[
+                self.keys.task(provider, spec.id),
+                self.keys.events(provider),
+                self.keys.instances(provider),
+                self.keys.lease(provider, spec.id),
+            ],
+            args=[self.events_max_len, owner, lease_ms, running_rule, spec.entry, *self.public_fields(spec, timeout)],
+        )
+        return StartResult(reply)
+
+    def finish(
+        self,
+        spec: TaskSpec,
+        owner: str,
+        status: TaskStatus,
+        instance_rule: str,
+        fields: dict[str, str],
+    ) -> tuple[str, str]:
+        """Move an owned task to `status`; returns ("ok", "") or (refusal, current status)."""
+        provider = spec.provider
+        pairs: list[str] = []
+        for name, value in fields.items():
+            pairs += [name, value]
+        reply = self.scripts["finish"](
+            keys=[
+                self.keys.task(provider, spec.id),
+                self.keys.events(provider),
+                self.keys.instances(provider),
+                self.keys.lease(provider, spec.id),
+                self.keys.tasks(provider),
+            ],
+            args=[self.events_max_len, owner, str(status), instance_rule, WORKER_GROUP, spec.entry, *pairs],
+        )
+        outcome = _text(reply[0])
+        current = _text(reply[1]) if len(reply) > 1 else ""
+        if outcome != "ok":
+            log.warning(
+                "state change rejected task_id=%s provider=%s to=%s reason=%s current=%s owner=%s",
+                spec.id, provider, status, outcome, current, owner,
+            )  # fmt: skip
+        return outcome, current
+
+    def report_progress(self, spec: TaskSpec, owner: str, percent: float, message: str, lease_ms: int) -> bool:
+        provider = spec.provider
+        return bool(
+            self.scripts["progress"](
+                keys=[self.keys.task(provider, spec.id), self.keys.events(provider), self.keys.lease(provider, spec.id)],
+                args=[self.events_max_len, owner, f"{percent:g}", message, lease_ms],
+            )
+        )
+
+    def renew_lease(self, provider: str, task_id: str, owner: str, lease_ms: int) -> bool:
+        return bool(self.scripts["renew"](keys=[self.keys.lease(provider, task_id)], args=[owner, lease_ms]))
+
+    def dead_letter(self, provider: str, entry_id: str, fields: dict, reason: str) -> None:
+        """Move an invalid entry to the dead-letter stream with its fields redacted."""
+        readable = {_text(name): _text(value) for name, value in fields.items()}
+        for name in list(readable):
+            if self.redactor.is_secret(name):
+                readable[name] = "***"
+        if "data" in readable:
+            try:
+                readable["data"] = orjson.dumps(self.redactor.redact(orjson.loads(readable["data"]))).decode()
+            except orjson.JSONDecodeError:
+                secrets = [value for value in readable.values() if value]
+                readable["data"] = "(not valid JSON, not shown)" if secrets else ""
+        self.scripts["dead_letter"](
+            keys=[self.keys.dead(provider), self.keys.tasks(provider)],
+            args=[self.dead_max_len, WORKER_GROUP, entry_id, reason, orjson.dumps(readable).decode()],
+        )
+        log.warning("entry rejected provider=%s entry=%s reason=%s", provider, entry_id, reason)
+
+    def read(self, provider: str, task_id: str) -> dict[str, str]:
+        raw = self.client.hgetall(self.keys.task(provider, task_id))
+        return {_text(name): _text(value) for name, value in raw.items()}
+
+    def locate(self, task_id: str) -> str | None:
+        """Return the provider of a task id, or None when no provider has it."""
+        value = self.client.hget(self.keys.task_index(), task_id)
+        if not value:
+            return None
+        return _text(value).split(" ", 1)[0]
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL_STATUSES

@@ -1,0 +1,97 @@
+"""The intake process: makes every new task visible as pending at once.
+
+Workers take entries only when they are free, so without the intake a task pushed
+while every worker is busy would have no status until a worker reached it. The
+intake follows each provider's task stream with plain XREAD (no consumer group) and
+registers each valid entry as pending. That step is idempotent, so the intake starts
+from the beginning of each stream after a restart: finished entries are deleted, and
+what is left is exactly the work still to be done. Invalid entries are left to the
+workers, which move them to the dead-letter stream.
+"""
+
+import logging
+import os
+import signal
+import time
+
+import redis
+
+from shared.errors import InvalidEntry
+from shared.keys import Keys
+from shared.redaction import Redactor
+from shared.redis_client import connect
+from shared.schema import parse_entry
+from shared.settings import Config
+from shared.taskstate import TaskState
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 500
+READ_COUNT = 500
+
+
+class Intake:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.keys = Keys(config.redis.prefix)
+        self.streams = {self.keys.tasks(provider): provider for provider in config.providers}
+        self.positions = {stream: "0-0" for stream in self.streams}
+        self.stopping = False
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_term)
+        self.client = connect(self.config.redis.url)
+        self.state = TaskState(
+            self.client,
+            self.keys,
+            self.config.redis.events_max_len,
+            self.config.redis.dead_max_len,
+            Redactor(self.config.secret_fields),
+        )
+        log.info("intake started providers=%d pid=%d", len(self.streams), os.getpid())
+        backoff = 0.5
+        while not self.stopping and self.streams:
+            try:
+                self.pass_once()
+                backoff = 0.5
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis unavailable in intake retry_in=%.1fs error=%s", backoff, exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        log.info("intake stopped pid=%d", os.getpid())
+        return 0
+
+    def pass_once(self) -> None:
+        reply = self.client.xread(self.positions, count=READ_COUNT, block=READ_BLOCK_MS)
+        if not reply:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        queued = 0
+        for stream_name, items in reply:
+            stream = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
+            provider = self.streams[stream]
+            settings = self.config.providers[provider]
+            for entry_bytes, fields in items:
+                entry_id = entry_bytes.decode() if isinstance(entry_bytes, bytes) else entry_bytes
+                self.positions[stream] = entry_id
+                if not fields:
+                    continue
+                try:
+                    spec = parse_entry(provider, entry_id, fields)
+                except InvalidEntry:
+                    continue
+                if self.state.claim_id(spec) is not None:
+                    continue
+                timeout = spec.timeout or settings.timeout_for(spec.type)
+                self.state.admit(spec, timeout, pipe=pipe)
+                queued += 1
+        if queued:
+            pipe.execute()
+
+
+def intake_main(config: Config) -> int:
+    return Intake(config).run()

@@ -1,0 +1,95 @@
+"""The driver interface: how a worker hands one task to a virtualisation backend.
+
+A driver is a class with one method per task type, named after the type with `-`
+replaced by `_` (`create`, `start`, `stop`, `restart`, `delete`, `reset`,
+`reset_password`). Each method receives a `TaskContext` and either returns a result
+(a dict that becomes the task's `result`, or None) or raises `TaskFailed`. Any other
+exception also fails the task, with the exception as its error.
+
+The worker calls the method in a separate thread. When the task's timeout passes or a
+cancel arrives, the worker sets `context.cancelled`; the method must then stop its
+work and return or raise soon. A method that keeps running past the kill grace gets
+its worker process replaced, which is the only way to stop Python code by force.
+"""
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shared.errors import DriverError
+
+
+class TaskContext:
+    """What a driver method knows about its task and how it reports back.
+
+    `data` is the task's `data` object as the producer sent it, secrets included; never
+    log it. `deadline` is a `time.monotonic()` value. `cancelled` is set when the task
+    must stop, and `stop_reason` then says why: "timeout", "cancel" or "shutdown".
+    """
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        provider: str,
+        task_type: str,
+        instance: str,
+        user: str,
+        data: dict,
+        timeout: float,
+        kill_grace: float,
+        report_progress: Callable[[float, str], None],
+    ) -> None:
+        self.task_id = task_id
+        self.provider = provider
+        self.task_type = task_type
+        self.instance = instance
+        self.user = user
+        self.data = data
+        self.timeout = timeout
+        self.kill_grace = kill_grace
+        self.deadline = time.monotonic() + timeout
+        self.cancelled = threading.Event()
+        self.stop_reason: str | None = None
+        self._report_progress = report_progress
+
+    def stop(self, reason: str) -> None:
+        """Ask the running driver method to stop; the first reason given is kept."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.cancelled.set()
+
+    def progress(self, percent: float, message: str = "") -> None:
+        """Report progress from 0 to 100 with an optional short message."""
+        self._report_progress(max(0.0, min(100.0, float(percent))), message)
+
+    def as_json_object(self) -> dict[str, Any]:
+        """Return the task as the JSON object a command reads on its stdin."""
+        return {
+            "id": self.task_id,
+            "provider": self.provider,
+            "type": self.task_type,
+            "instance": self.instance,
+            "user": self.user,
+            "timeout": self.timeout,
+            "data": self.data,
+        }
+
+
+class Driver:
+    """Base class for drivers. `options` is the provider's `driver` mapping from the config."""
+
+    def __init__(self, provider: str, options: dict) -> None:
+        self.provider = provider
+        self.options = options
+
+    def handler_for(self, task_type: str) -> Callable[[TaskContext], dict | None]:
+        """Return the method that runs `task_type`, raising DriverError when there is none."""
+        method = getattr(self, task_type.replace("-", "_"), None)
+        if method is None or not callable(method):
+            raise DriverError(f"driver {type(self).__name__} has no method for task type '{task_type}'")
+        return method
+
+    def close(self) -> None:
+        """Release what the driver holds (connections, sockets) when its worker exits."""

@@ -1,0 +1,476 @@
+"""The `command` driver: runs one configured program per task type.
+
+Each task type maps to an argv list in the provider's `driver.commands`. The program
+runs without a shell, in a new session and process group, with the task as one JSON
+object and a newline on stdin (`TaskContext.as_json_object`). It reports on stdout:
+
+- `progress N [text]` reports N percent (a number, clamped to 0-100) with optional text.
+- The last line that parses as a JSON object becomes the task result.
+- Every other line is ignored, and so is any line longer than 1 MiB.
+
+Exit status 0 completes the task. Any other status, or death by a signal, raises
+TaskFailed with the end of stderr (at most 20 lines and 4 KiB) in the message and the
+last JSON object from stdout, if any, as its `result`. When the task must stop, the
+whole process group gets SIGTERM, then SIGKILL after `killGrace` seconds.
+
+Placeholders: an argument that is exactly `{id}`, `{instance}`, `{user}`, `{provider}`
+or `{type}` is replaced by that task value as one argument, whatever characters the
+value contains. An argument with any other text around a placeholder, such as
+`--name={instance}`, is passed unchanged, braces included. A value can start with `-`,
+so put `--` before it when the program parses options.
+"""
+
+import contextlib
+import ctypes
+import logging
+import math
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import orjson
+import psutil
+
+from shared.errors import TaskFailed
+from shared.settings import PLACEHOLDERS, DriverConfig
+from worker.drivers.base import Driver, TaskContext
+
+log = logging.getLogger(__name__)
+
+# Maximum wait in the supervising loops, so a stop request is noticed within this time.
+POLL_INTERVAL = 0.05
+# Bytes read from or written to a pipe per call.
+PIPE_CHUNK_BYTES = 65536
+# A stdout line longer than this is dropped, so a program cannot fill the worker's memory.
+MAX_LINE_BYTES = 1024 * 1024
+STDERR_TAIL_BYTES = 4096
+STDERR_TAIL_LINES = 20
+# Seconds to keep reading the pipes after the program exits. A background process can
+# keep stdout open, so the task ends after this time even without end of file.
+EXIT_DRAIN_SECONDS = 0.5
+# Seconds to wait for the program and its process group to go after SIGKILL.
+KILL_WAIT_SECONDS = 10.0
+
+PR_SET_CHILD_SUBREAPER = 36
+
+STOP_DESCRIPTIONS = {
+    "cancel": "the task was cancelled",
+    "shutdown": "the worker is shutting down",
+}
+
+# Pids of programs started by this module that Popen has not reaped yet. The orphan
+# reaper skips them, because reaping one would make its Popen report exit status 0.
+_running_pids: set[int] = set()
+_running_pids_lock = threading.Lock()
+_subreaper_lock = threading.Lock()
+# The process that last called prctl. The flag is not inherited across fork(), so a
+# forked child calls it again.
+_subreaper_pid: int | None = None
+
+
+def _reset_after_fork() -> None:
+    global _running_pids, _running_pids_lock, _subreaper_lock
+    _running_pids = set()
+    _running_pids_lock = threading.Lock()
+    _subreaper_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def enable_child_subreaper() -> None:
+    """Make this process the child subreaper on Linux, once per process.
+
+    Descendants of a command that outlive their parent are then re-parented to the
+    worker instead of init, so they stay visible and get reaped here.
+    """
+    global _subreaper_pid
+    with _subreaper_lock:
+        if _subreaper_pid == os.getpid():
+            return
+        _subreaper_pid = os.getpid()
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            error = ctypes.get_errno()
+            log.debug("prctl(PR_SET_CHILD_SUBREAPER) failed: %s", os.strerror(error))
+    except (OSError, AttributeError) as exc:
+        log.debug("prctl(PR_SET_CHILD_SUBREAPER) is unavailable: %s", exc)
+
+
+def reap_orphans() -> int:
+    """Reap exited children that no running command owns and return how many were reaped.
+
+    These are descendants of commands re-parented to the worker as subreaper.
+    NOTE: a child started elsewhere in the worker process without this module (for
+    example by a Python driver) is reaped too if it has exited, and its Popen then
+    reports exit status 0.
+    """
+    reaped = 0
+    with _running_pids_lock:
+        try:
+            children = psutil.Process().children()
+        except psutil.Error as exc:
+            log.warning("listing child processes failed: %s", exc)
+            return 0
+        for child in children:
+            if child.pid in _running_pids:
+                continue
+            try:
+                pid, status = os.waitpid(child.pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if pid:
+                reaped += 1
+                log.debug("reaped orphan pid=%d status=%d", pid, status)
+    return reaped
+
+
+def substitute_placeholders(argv: list[str], context: TaskContext) -> list[str]:
+    """Return argv with each argument that is exactly one placeholder replaced by its value."""
+    values = {"{id}": context.task_id, "{instance}": context.instance, "{user}": context.user,
+              "{provider}": context.provider, "{type}": context.task_type}
+    return [values.get(arg, arg) for arg in argv]
+
+
+def describe_exit(returncode: int) -> str:
+    """Return "exited with status N" or "was killed by signal NAME (N)"."""
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    number = -returncode
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = "unknown signal"
+    return f"was killed by signal {name} ({number})"
+
+
+class OutputParser:
+    """Stdout line parser (progress lines, last JSON object) and bounded stderr tail."""
+
+    def __init__(self, context: TaskContext, tag: str) -> None:
+        self.context = context
+        self.tag = tag
+        self.result: dict | None = None
+        self.stdout_buffer = bytearray()
+        self.skipping_long_line = False
+        self.long_lines = 0
+        self.progress_errors = 0
+        self.stderr_tail = bytearray()
+
+    def feed_stdout(self, data: bytes) -> None:
+        self.stdout_buffer += data
+        while True:
+            end = self.stdout_buffer.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(self.stdout_buffer[:end])
+            del self.stdout_buffer[: end + 1]
+            if self.skipping_long_line:
+                self.skipping_long_line = False
+            else:
+                self.parse_line(line)
+        if len(self.stdout_buffer) > MAX_LINE_BYTES:
+            self.stdout_buffer.clear()
+            if not self.skipping_long_line:
+                self.skipping_long_line = True
+                self.long_lines += 1
+
+    def finish_stdout(self) -> None:
+        """Parse a last line that has no trailing newline."""
+        if self.stdout_buffer and not self.skipping_long_line:
+            self.parse_line(bytes(self.stdout_buffer))
+        self.stdout_buffer.clear()
+        if self.long_lines:
+            log.warning("%s: dropped %d stdout lines longer than %d bytes", self.tag, self.long_lines, MAX_LINE_BYTES)
+        if self.progress_errors:
+            log.warning("%s: %d progress reports failed", self.tag, self.progress_errors)
+
+    def parse_line(self, line: bytes) -> None:
+        text = line.strip()
+        if text.startswith(b"{"):
+            try:
+                value = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                return
+            if isinstance(value, dict):
+                self.result = value
+        elif text.startswith(b"progress"):
+            self.parse_progress(text)
+
+    def parse_progress(self, text: bytes) -> None:
+        parts = text.decode("utf-8", "replace").split(None, 2)
+        if len(parts) < 2 or parts[0] != "progress":
+            return
+        try:
+            percent = float(parts[1])
+        except ValueError:
+            return
+        if not math.isfinite(percent):
+            return
+        message = parts[2] if len(parts) == 3 else ""
+        try:
+            self.context.progress(percent, message)
+        except Exception:
+            # A failed report must not abandon a running program, so it is only counted.
+            self.progress_errors += 1
+            if self.progress_errors == 1:
+                log.warning("%s: reporting progress failed", self.tag, exc_info=True)
+
+    def feed_stderr(self, data: bytes) -> None:
+        self.stderr_tail += data
+        if len(self.stderr_tail) > STDERR_TAIL_BYTES:
+            del self.stderr_tail[: len(self.stderr_tail) - STDERR_TAIL_BYTES]
+
+    def stderr_text(self) -> str:
+        """Return the last STDERR_TAIL_LINES lines of the stderr tail."""
+        text = self.stderr_tail.decode("utf-8", "replace").strip()
+        return "\n".join(text.splitlines()[-STDERR_TAIL_LINES:])
+
+
+class CommandRun:
+    """One running program: feeds its stdin, reads its output and stops it on request."""
+
+    def __init__(self, process: subprocess.Popen, context: TaskContext, stdin_data: bytes) -> None:
+        self.process = process
+        self.context = context
+        self.tag = f"task_id={context.task_id} provider={context.provider} pid={process.pid}"
+        self.output = OutputParser(context, self.tag)
+        self.pending_input = memoryview(stdin_data)
+        self.selector = selectors.DefaultSelector()
+        for stream in (process.stdout, process.stderr):
+            os.set_blocking(stream.fileno(), False)
+            self.selector.register(stream, selectors.EVENT_READ)
+        os.set_blocking(process.stdin.fileno(), False)
+        self.selector.register(process.stdin, selectors.EVENT_WRITE)
+
+    def supervise(self) -> bool:
+        """Pump stdin and output until the program exits (return True) or the task must stop (False)."""
+        drain_until: float | None = None
+        while True:
+            now = time.monotonic()
+            if self.process.poll() is not None:
+                if drain_until is None:
+                    drain_until = now + EXIT_DRAIN_SECONDS
+                if now >= drain_until or not self.selector.get_map():
+                    return True
+            elif self.context.cancelled.is_set():
+                return False
+            elif now >= self.context.deadline:
+                self.context.stop("timeout")
+                return False
+            if drain_until is None:
+                self.pump(min(POLL_INTERVAL, self.context.deadline - now))
+            else:
+                self.pump(POLL_INTERVAL)
+
+    def pump(self, timeout: float) -> None:
+        if not self.selector.get_map():
+            if self.context.cancelled.is_set():
+                time.sleep(timeout)
+            else:
+                self.context.cancelled.wait(timeout)
+            return
+        for key, _ in self.selector.select(timeout):
+            if key.fileobj is self.process.stdin:
+                self.write_input()
+            else:
+                self.read_output(key.fileobj)
+
+    def write_input(self) -> None:
+        try:
+            written = os.write(self.process.stdin.fileno(), self.pending_input[:PIPE_CHUNK_BYTES])
+        except BlockingIOError:
+            return
+        except BrokenPipeError:
+            log.debug("%s: command closed stdin before reading the whole task", self.tag)
+            written = len(self.pending_input)
+        self.pending_input = self.pending_input[written:]
+        if not self.pending_input:
+            self.close_stream(self.process.stdin)
+
+    def read_output(self, stream) -> None:
+        try:
+            data = os.read(stream.fileno(), PIPE_CHUNK_BYTES)
+        except BlockingIOError:
+            return
+        if not data:
+            self.close_stream(stream)
+        elif stream is self.process.stdout:
+            self.output.feed_stdout(data)
+        else:
+            self.output.feed_stderr(data)
+
+    def close_stream(self, stream) -> None:
+        self.selector.unregister(stream)
+        with contextlib.suppress(BrokenPipeError):
+            stream.close()
+
+    def close(self) -> None:
+        """Close the pipes that are still open and parse the last stdout line."""
+        for key in list(self.selector.get_map().values()):
+            self.close_stream(key.fileobj)
+        self.selector.close()
+        self.output.finish_stdout()
+
+    def terminate(self) -> bool:
+        """Send SIGTERM to the process group, SIGKILL after the grace period, and return whether SIGKILL was sent."""
+        group = self.process.pid
+        log.warning("%s: stopping command (%s), sending SIGTERM to its process group", self.tag, self.context.stop_reason)
+        signal_group(group, signal.SIGTERM)
+        if self.wait_for_group(time.monotonic() + self.context.kill_grace):
+            return False
+
+        log.warning("%s: process group still running after %g s, sending SIGKILL", self.tag, self.context.kill_grace)
+        signal_group(group, signal.SIGKILL)
+        if not self.wait_for_group(time.monotonic() + KILL_WAIT_SECONDS):
+            log.error("%s: process group still present %g s after SIGKILL", self.tag, KILL_WAIT_SECONDS)
+        return True
+
+    def wait_for_group(self, deadline: float) -> bool:
+        """Wait until the program is reaped and its process group is empty, and return False at the deadline."""
+        while True:
+            if self.process.poll() is not None:
+                reap_group(self.process.pid)
+                if not group_exists(self.process.pid):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            # Keep reading, so a program that writes while shutting down does not block on a full pipe.
+            self.pump(POLL_INTERVAL)
+
+
+def signal_group(group: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signum)
+
+
+def group_exists(group: int) -> bool:
+    """Return whether any process, zombies included, is still in the process group."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def reap_group(group: int) -> None:
+    """Reap exited children in the process group.
+
+    Call it only after Popen has reaped the group leader. Before that, the leader itself
+    is in the group, and reaping it here would hide its exit status from Popen.
+    """
+    while True:
+        try:
+            pid, _ = os.waitpid(-group, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+class CommandDriver(Driver):
+    """Driver that runs a configured program for each task type (see the module docstring)."""
+
+    def __init__(self, provider: str, config: DriverConfig, base_dir: str) -> None:
+        super().__init__(provider, config.options)
+        self.config = config
+        self.workdir = os.path.join(base_dir, config.workdir) if config.workdir else base_dir
+        self.warn_embedded_placeholders()
+        enable_child_subreaper()
+
+    def warn_embedded_placeholders(self) -> None:
+        for task_type, argv in self.config.commands.items():
+            for arg in argv:
+                embedded = [name for name in PLACEHOLDERS if "{" + name + "}" in arg]
+                if embedded and arg != "{" + embedded[0] + "}":
+                    log.warning("provider=%s: argument %r of the %s command is passed unchanged, because only an"
+                                " argument that is exactly one placeholder is replaced", self.provider, arg, task_type)
+
+    def run(self, context: TaskContext) -> dict | None:
+        """Run the command configured for `context.task_type` and return its JSON result.
+
+        Raises TaskFailed when there is no command for the type, when the program cannot
+        be started, when it exits with a nonzero status or a signal, and when the task had
+        to stop. In the last case `context.stop_reason` contains the reason.
+        """
+        argv = self.config.commands.get(context.task_type)
+        if not argv:
+            raise TaskFailed(f"provider {self.provider} has no command for task type {context.task_type}")
+        if not context.cancelled.is_set() and time.monotonic() >= context.deadline:
+            context.stop("timeout")
+        if context.cancelled.is_set():
+            raise TaskFailed(f"command not started: {stop_description(context)}")
+
+        process = self.start_process(substitute_placeholders(argv, context), context)
+        run = CommandRun(process, context, orjson.dumps(context.as_json_object()) + b"\n")
+        started = time.monotonic()
+        try:
+            exited = run.supervise()
+            killed = False if exited else run.terminate()
+        finally:
+            self.finish_process(run)
+        duration = time.monotonic() - started
+
+        if not exited:
+            signal_text = "SIGTERM, then SIGKILL" if killed else "SIGTERM"
+            message = f"command stopped with {signal_text} because {stop_description(context)}"
+            raise TaskFailed(message, result=run.output.result)
+        return self.outcome(run, duration)
+
+    create = start = stop = restart = delete = reset = reset_password = run
+
+    def start_process(self, argv: list[str], context: TaskContext) -> subprocess.Popen:
+        environment = {**os.environ, **self.config.env}
+        environment.update(TASKVISOR_TASK_ID=context.task_id, TASKVISOR_PROVIDER=context.provider,
+                           TASKVISOR_TASK_TYPE=context.task_type, TASKVISOR_INSTANCE=context.instance)
+        pipe = subprocess.PIPE
+        with _running_pids_lock:
+            try:
+                process = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, cwd=self.workdir,
+                                           env=environment, start_new_session=True)
+            except OSError as exc:
+                message = f"command {argv[0]} could not be started (working directory {self.workdir}): {exc}"
+                raise TaskFailed(message) from exc
+            _running_pids.add(process.pid)
+        log.info("task_id=%s provider=%s pid=%d: started %s command %s",
+                 context.task_id, context.provider, process.pid, context.task_type, argv[0])
+        return process
+
+    def finish_process(self, run: CommandRun) -> None:
+        """Close the pipes, reap the program (killing its group on an error) and reap orphans."""
+        process = run.process
+        try:
+            run.close()
+        finally:
+            if process.poll() is None:
+                log.error("%s: killing the process group after an error", run.tag)
+                signal_group(process.pid, signal.SIGKILL)
+            try:
+                process.wait(KILL_WAIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                log.error("%s: command did not exit %g s after SIGKILL", run.tag, KILL_WAIT_SECONDS)
+            with _running_pids_lock:
+                _running_pids.discard(process.pid)
+            reap_orphans()
+
+    def outcome(self, run: CommandRun, duration: float) -> dict | None:
+        returncode = run.process.returncode
+        log.info("%s: command %s after %.2f s", run.tag, describe_exit(returncode), duration)
+        if returncode == 0:
+            return run.output.result
+        stderr = run.output.stderr_text()
+        detail = f": {stderr}" if stderr else " with no stderr output"
+        raise TaskFailed(f"command {describe_exit(returncode)}{detail}", result=run.output.result)
+
+
+def stop_description(context: TaskContext) -> str:
+    if context.stop_reason == "timeout":
+        return f"the task timed out after {context.timeout:g} s"
+    return STOP_DESCRIPTIONS.get(context.stop_reason, f"a stop was requested ({context.stop_reason})")

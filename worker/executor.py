@@ -1,0 +1,142 @@
+"""Running one task through its driver, under its timeout, and deciding its outcome.
+
+`run_task` is the one place where a task's outcome (completed, failed, timeout,
+cancelled, or back to pending) is decided from what the driver did.
+"""
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+
+import msgspec
+import orjson
+
+from shared.errors import DriverError, TaskFailed
+from shared.redaction import Redactor
+from shared.schema import TaskSpec
+from shared.states import TaskStatus
+from worker.drivers.base import Driver, TaskContext
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 4000
+# How often the waiting loop looks at the deadline and at stop requests, in seconds.
+POLL_SECONDS = 0.05
+# Extra seconds a driver gets after its kill grace before the worker gives up on it.
+STUCK_MARGIN_SECONDS = 2.0
+
+
+class Outcome(msgspec.Struct):
+    status: TaskStatus
+    error: str = ""
+    message: str = ""
+    result: str = ""
+    # True when the driver method ignored the stop request; the worker must exit.
+    driver_stuck: bool = False
+
+
+class _Call:
+    def __init__(self, handler: Callable[[TaskContext], dict | None], context: TaskContext) -> None:
+        self.handler = handler
+        self.context = context
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+
+    def __call__(self) -> None:
+        try:
+            self.result = self.handler(self.context)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self.error = exc
+
+
+def run_task(
+    driver: Driver,
+    spec: TaskSpec,
+    context: TaskContext,
+    redactor: Redactor,
+    shutdown_requested: Callable[[], bool],
+) -> Outcome:
+    """Run the task's driver method in a thread and wait for it, enforcing the deadline.
+
+    When the deadline passes, or `shutdown_requested()` turns true, the context is
+    stopped and the method gets its kill grace to return.
+    """
+    try:
+        handler = driver.handler_for(str(spec.type))
+    except DriverError as exc:
+        return Outcome(TaskStatus.FAILED, error=str(exc))
+
+    call = _Call(handler, context)
+    thread = threading.Thread(target=call, name=f"task-{spec.id}", daemon=True)
+    thread.start()
+    stop_deadline: float | None = None
+    while thread.is_alive():
+        thread.join(POLL_SECONDS)
+        if not thread.is_alive():
+            break
+        now = time.monotonic()
+        if stop_deadline is None:
+            if now >= context.deadline:
+                context.stop("timeout")
+            elif shutdown_requested():
+                context.stop("shutdown")
+            if context.cancelled.is_set():
+                stop_deadline = now + context.kill_grace + STUCK_MARGIN_SECONDS
+        elif now >= stop_deadline:
+            log.error(
+                "driver ignored stop request task_id=%s provider=%s reason=%s",
+                spec.id, spec.provider, context.stop_reason,
+            )  # fmt: skip
+            outcome = _outcome_for_stop(spec, context)
+            outcome.driver_stuck = True
+            return outcome
+
+    return decide_outcome(spec, context, call.result, call.error, redactor)
+
+
+def _outcome_for_stop(spec: TaskSpec, context: TaskContext) -> Outcome:
+    if context.stop_reason == "timeout":
+        return Outcome(TaskStatus.TIMEOUT, error=f"timed out after {context.timeout:g} s")
+    if context.stop_reason == "cancel":
+        return Outcome(TaskStatus.CANCELLED, message="cancelled")
+    return Outcome(TaskStatus.PENDING, message="interrupted by shutdown; waiting for redelivery")
+
+
+def decide_outcome(
+    spec: TaskSpec,
+    context: TaskContext,
+    result: dict | None,
+    error: BaseException | None,
+    redactor: Redactor,
+) -> Outcome:
+    """Turn what the driver method did into the task's outcome, with secrets removed."""
+    secrets = redactor.secret_values(spec.data)
+    if error is None:
+        text = ""
+        if result is not None:
+            text = redactor.scrub(orjson.dumps(redactor.redact(result), default=str).decode(), secrets)
+        return Outcome(TaskStatus.COMPLETED, result=text)
+
+    if context.stop_reason is not None:
+        outcome = _outcome_for_stop(spec, context)
+        if outcome.status == TaskStatus.TIMEOUT and isinstance(error, TaskFailed):
+            detail = redactor.scrub(str(error), secrets)
+            outcome.error = f"{outcome.error}: {detail}"[:MAX_ERROR_CHARS]
+        return outcome
+
+    if isinstance(error, TaskFailed):
+        message = redactor.scrub(str(error), secrets)
+        result_text = ""
+        if error.result is not None:
+            result_text = redactor.scrub(orjson.dumps(redactor.redact(error.result), default=str).decode(), secrets)
+        return Outcome(TaskStatus.FAILED, error=message[:MAX_ERROR_CHARS], result=result_text)
+
+    trace = redactor.scrub("".join(traceback.format_exception(error)), secrets)
+    log.error(
+        "driver raised task_id=%s provider=%s type=%s\n%s",
+        spec.id, spec.provider, spec.type, trace.rstrip(),
+    )  # fmt: skip
+    message = redactor.scrub(f"{type(error).__name__}: {error}", secrets)
+    return Outcome(TaskStatus.FAILED, error=message[:MAX_ERROR_CHARS])
