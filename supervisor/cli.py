@@ -46,12 +46,14 @@ def fail(message: str) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="INFO", show_default=True, envvar="TASKVISOR_LOG_LEVEL",
+@click.option("--log-level", envvar="TASKVISOR_LOG_LEVEL",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              help="Lowest level of log lines written to stderr.")
-def cli(log_level: str) -> None:
+              help="Lowest level of log lines written to stderr [default: INFO for supervise and demo, WARNING otherwise].")
+@click.pass_context
+def cli(context: click.Context, log_level: str | None) -> None:
     """taskvisor: instance operations from Redis streams, run by per-provider worker groups."""
-    setup_logging(log_level)
+    long_running = context.invoked_subcommand in ("supervise", "demo")
+    setup_logging(log_level or ("INFO" if long_running else "WARNING"))
 
 
 @cli.command()
@@ -155,7 +157,14 @@ def list_tasks(config: Config, status, provider, user, instance, task_type, limi
     if as_json:
         for row in rows:
             click.echo(orjson.dumps(row).decode())
-        return
+    else:
+        _print_task_table(rows)
+    if len(rows) == limit:
+        cursor = _store_call(config, lambda store: store.cursor_for(rows[-1]))
+        click.echo(f"more rows: taskvisor list --before {cursor} (with the same filters)", err=True)
+
+
+def _print_task_table(rows: list[dict]) -> None:
     header = f"{'ID':40} {'PROVIDER':12} {'TYPE':14} {'INSTANCE':16} {'STATUS':10} {'PROG':>4} {'CREATED (UTC)':19}  ERROR"
     click.echo(header)
     for row in rows:
@@ -164,9 +173,6 @@ def list_tasks(config: Config, status, provider, user, instance, task_type, limi
             f"{row['status']:10} {row['progress']:>4.0f} {_display_time('created_at', row['created_at'])[:19]:19}  "
             f"{(row['error_message'] or '')[:60]}"
         )
-    if len(rows) == limit:
-        cursor = _store_call(config, lambda store: store.cursor_for(rows[-1]))
-        click.echo(f"more rows: taskvisor list --before {cursor} (with the same filters)", err=True)
 
 
 @cli.group()

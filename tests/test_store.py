@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 import pymysql
@@ -66,7 +66,12 @@ def run_sql(url: str, sql: str) -> list[tuple]:
             connection.close()
 
     connection = pymysql.connect(
-        host=parts.hostname, port=parts.port, user=parts.username, database=parts.path[1:], autocommit=True
+        host=parts.hostname,
+        port=parts.port,
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+        database=parts.path[1:],
+        autocommit=True,
     )
     try:
         with connection.cursor() as cursor:

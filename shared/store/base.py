@@ -16,6 +16,8 @@ from datetime import datetime, timedelta
 from typing import Any, Self
 
 from shared.errors import StoreError
+
+MISSING_SCHEMA_HINT = "; the taskvisor tables do not exist yet: run `taskvisor db init` (or start the supervisor, which creates them)"
 from shared.store.records import InstanceRecord, TaskRecord
 
 logger = logging.getLogger(__name__)

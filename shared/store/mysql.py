@@ -17,6 +17,7 @@ from pymysql.cursors import DictCursor
 
 from shared.errors import StoreError
 from shared.store.base import (
+    MISSING_SCHEMA_HINT,
     INSTANCE_COLUMNS,
     TASK_COLUMNS,
     Store,
@@ -292,7 +293,8 @@ class MysqlStore(Store):
                     self._drop_connection()
                     continue
 
-                raise StoreError(f"{description} on {self.display_url} failed: {exc}") from exc
+                hint = MISSING_SCHEMA_HINT if exc.args and exc.args[0] == ER.NO_SUCH_TABLE else ""
+                raise StoreError(f"{description} on {self.display_url} failed: {exc}{hint}") from exc
 
     def _rollback(self, connection: Connection) -> None:
         if not connection.open:

@@ -13,6 +13,7 @@ from typing import Any
 
 from shared.errors import StoreError
 from shared.store.base import (
+    MISSING_SCHEMA_HINT,
     INSTANCE_COLUMNS,
     TASK_COLUMNS,
     Store,
@@ -198,7 +199,8 @@ class SqliteStore(Store):
             try:
                 rows = connection.execute(sql, parameters).fetchall()
             except sqlite3.Error as exc:
-                raise StoreError(f"reading SQLite database {self.path} failed: {exc}") from exc
+                hint = MISSING_SCHEMA_HINT if "no such table" in str(exc) else ""
+                raise StoreError(f"reading SQLite database {self.path} failed: {exc}{hint}") from exc
         return [dict(row) for row in rows]
 
     def _current_connection(self) -> sqlite3.Connection:
