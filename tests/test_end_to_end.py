@@ -244,3 +244,25 @@ def test_restart_mid_batch_loses_nothing(sqlite_url, redis_server, supervisor_fa
     assert started == {task_id for _provider, task_id in ids}
     assert client.xlen("taskvisor:{serial}:tasks") == 0
     assert second.stop() == 0
+
+
+def test_killed_worker_is_replaced(sqlite_url, redis_server, supervisor_factory, tmp_path):
+    import os
+
+    runs = tmp_path / "runs.log"
+    script = write_script(tmp_path / "op.sh", f'cat >/dev/null\necho "$3 $PPID" >> {runs}\nsleep 1\necho "{{}}"\n')
+    supervisor = supervisor_factory(sqlite_url, {"p": command_provider(script)})
+    client = redis_server.client()
+    client.xadd("taskvisor:{p}:tasks", {"id": "victim", "type": "restart", "instance": "vm-1", "user": "u"})
+    client.xadd("taskvisor:{p}:tasks", {"id": "behind", "type": "restart", "instance": "vm-2", "user": "u"})
+    wait_for(lambda: task_hash(client, "p", "victim").get("status") == "running", 10, "the first task to run")
+    worker_pid = int(task_hash(client, "p", "victim")["owner"].rsplit(":", 1)[1])
+
+    os.kill(worker_pid, signal.SIGKILL)
+    wait_for(lambda: task_hash(client, "p", "victim").get("status") == "completed", 20, "the task to be run again")
+    wait_for(lambda: task_hash(client, "p", "behind").get("status") == "completed", 20, "the next task")
+    victim = task_hash(client, "p", "victim")
+    assert victim["attempts"] == "2"
+    assert int(victim["owner"].rsplit(":", 1)[1]) != worker_pid
+    assert f"child killed by signal SIGKILL role=worker provider=p slot=0 pid={worker_pid}" in supervisor.log()
+    assert sorted(line.split()[0] for line in runs.read_text().splitlines()) == ["behind", "victim", "victim"]
