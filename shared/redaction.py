@@ -59,3 +59,22 @@ class Redactor:
             if secret in text:
                 text = text.replace(secret, MASK)
         return text
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with the password replaced by ***.
+
+    This works on malformed URLs too: everything between the first ':' of the user part and
+    the last '@' counts as the password, so an unescaped '@' or '/' in it is hidden as well.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url
+    at = rest.rfind("@")
+    if at < 0:
+        return url
+    user_info = rest[:at]
+    user, colon, _password = user_info.partition(":")
+    if not colon:
+        return url
+    return f"{scheme}://{user}:***{rest[at:]}"

@@ -168,8 +168,8 @@ class TaskState:
             try:
                 readable["data"] = orjson.dumps(self.redactor.redact(orjson.loads(readable["data"]))).decode()
             except orjson.JSONDecodeError:
-                secrets = [value for value in readable.values() if value]
-                readable["data"] = "(not valid JSON, not shown)" if secrets else ""
+                # Secret fields cannot be found in broken JSON, so none of it is kept.
+                readable["data"] = "(not valid JSON, not shown)"
         self.scripts["dead_letter"](
             keys=[self.keys.dead(provider), self.keys.tasks(provider)],
             args=[self.dead_max_len, WORKER_GROUP, entry_id, reason, orjson.dumps(readable).decode()],

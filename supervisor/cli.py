@@ -11,8 +11,8 @@ import redis
 from shared.errors import ConfigError, InvalidEntry, StoreError, TaskvisorError
 from shared.keys import Keys
 from shared.logs import setup_logging
-from shared.redaction import Redactor
-from shared.redis_client import connect, describe_url
+from shared.redaction import Redactor, redact_url
+from shared.redis_client import connect
 from shared.schema import parse_entry
 from shared.settings import Config, apply_overrides, load_config
 from shared.states import TaskType
@@ -100,7 +100,7 @@ def submit(config: Config, provider, task_type, instance, user, data, timeout, t
     try:
         entry_id = client.xadd(Keys(config.redis.prefix).tasks(provider), fields).decode()
     except redis.RedisError as exc:
-        fail(f"task not submitted: Redis at {describe_url(config.redis.url)} failed: {exc}")
+        fail(f"task not submitted: Redis at {redact_url(config.redis.url)} failed: {exc}")
     spec = parse_entry(provider, entry_id, fields)
     click.echo(spec.id)
 
@@ -185,7 +185,7 @@ def db() -> None:
 def db_init(config: Config) -> None:
     """Create or upgrade the SQL tables; safe to run more than once."""
     _store_call(config, lambda store: store.init_schema())
-    click.echo(f"schema ready at {describe_url(config.database.url)}")
+    click.echo(f"schema ready at {redact_url(config.database.url)}")
 
 
 @cli.command()
@@ -217,7 +217,7 @@ def _store_call(config: Config, action):
         finally:
             store.close()
     except StoreError as exc:
-        fail(f"database {describe_url(config.database.url)}: {exc}")
+        fail(f"database {redact_url(config.database.url)}: {exc}")
 
 
 def _display_time(name: str, value):

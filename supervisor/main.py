@@ -21,7 +21,8 @@ from shared.errors import TaskvisorError
 from shared.keys import WORKER_GROUP, Keys
 from shared.logs import set_role
 from shared.process import die_with_parent
-from shared.redis_client import connect, describe_url, ensure_group
+from shared.redaction import redact_url
+from shared.redis_client import connect, ensure_group
 from shared.settings import Config
 from shared.store import open_store
 from supervisor.intake import intake_main
@@ -73,7 +74,7 @@ class Supervisor:
             client.ping()
         except redis.RedisError as exc:
             raise TaskvisorError(
-                f"cannot reach Redis at {describe_url(config.redis.url)}: {exc}; start Redis or pass --redis-url"
+                f"cannot reach Redis at {redact_url(config.redis.url)}: {exc}; start Redis or pass --redis-url"
             ) from None
         store = open_store(config.database.url, config.base_dir)
         store.init_schema()
@@ -99,7 +100,7 @@ class Supervisor:
         log.info(
             "supervisor started name=%s providers=%d redis=%s database=%s pid=%d",
             self.config.supervisor.name, len(self.config.providers),
-            describe_url(self.config.redis.url), describe_url(self.config.database.url), os.getpid(),
+            redact_url(self.config.redis.url), redact_url(self.config.database.url), os.getpid(),
         )  # fmt: skip
         while not self.stopping:
             self.spawn_missing()

@@ -245,7 +245,7 @@ def test_cancel_within_grace(tmp_path):
     assert "cancelled" in str(runner.error)
     assert context.stop_reason == "cancel"
     for pid in read_pids(pid_file):
-        assert wait_for(lambda: process_gone(pid), 5.0)
+        assert wait_for(lambda pid=pid: process_gone(pid), 5.0)
 
 
 def test_cancel_sigterm_suffices(tmp_path):

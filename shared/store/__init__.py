@@ -7,6 +7,7 @@ import os
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from shared.errors import StoreError
+from shared.redaction import redact_url
 from shared.store.base import Store
 from shared.store.mysql import MysqlStore
 from shared.store.records import InstanceRecord, TaskRecord
@@ -20,25 +21,6 @@ ACCEPTED_FORMS = (
     "sqlite:///relative/path.db (relative to the base directory), sqlite:////absolute/path.db,"
     " or mysql://user:password@host:port/database (also mariadb://; password and port are optional)"
 )
-
-
-def redact_url(url: str) -> str:
-    """Return `url` with the password replaced by ***.
-
-    This works on malformed URLs too: everything between the first ':' of the user part and
-    the last '@' counts as the password, so an unescaped '@' or '/' in it is hidden as well.
-    """
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        return url
-    at = rest.rfind("@")
-    if at < 0:
-        return url
-    user_info = rest[:at]
-    user, colon, _password = user_info.partition(":")
-    if not colon:
-        return url
-    return f"{scheme}://{user}:***{rest[at:]}"
 
 
 def open_store(url: str, base_dir: str = ".") -> Store:
