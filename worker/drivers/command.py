@@ -15,28 +15,25 @@ whole process group gets SIGTERM, then SIGKILL after `killGrace` seconds.
 
 Placeholders: an argument that is exactly `{id}`, `{instance}`, `{user}`, `{provider}`
 or `{type}` is replaced by that task value as one argument, whatever characters the
-value contains. An argument with any other text around a placeholder, such as
-`--name={instance}`, is passed unchanged, braces included. A value can start with `-`,
-so put `--` before it when the program parses options.
+value contains. The config rejects a placeholder inside a longer argument, such as
+`--name={instance}`. A value can start with `-`, so put `--` before it when the program
+parses options.
 """
 
 import contextlib
-import ctypes
 import logging
 import math
 import os
 import selectors
 import signal
 import subprocess
-import sys
-import threading
 import time
 
 import orjson
-import psutil
 
 from shared.errors import TaskFailed
 from shared.settings import PLACEHOLDERS, DriverConfig
+from worker.drivers import reaping
 from worker.drivers.base import Driver, TaskContext
 
 log = logging.getLogger(__name__)
@@ -55,81 +52,10 @@ EXIT_DRAIN_SECONDS = 0.5
 # Seconds to wait for the program and its process group to go after SIGKILL.
 KILL_WAIT_SECONDS = 10.0
 
-PR_SET_CHILD_SUBREAPER = 36
-
 STOP_DESCRIPTIONS = {
     "cancel": "the task was cancelled",
     "shutdown": "the worker is shutting down",
 }
-
-# Pids of programs started by this module that Popen has not reaped yet. The orphan
-# reaper skips them, because reaping one would make its Popen report exit status 0.
-_running_pids: set[int] = set()
-_running_pids_lock = threading.Lock()
-_subreaper_lock = threading.Lock()
-# The process that last called prctl. The flag is not inherited across fork(), so a
-# forked child calls it again.
-_subreaper_pid: int | None = None
-
-
-def _reset_after_fork() -> None:
-    global _running_pids, _running_pids_lock, _subreaper_lock
-    _running_pids = set()
-    _running_pids_lock = threading.Lock()
-    _subreaper_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def enable_child_subreaper() -> None:
-    """Make this process the child subreaper on Linux, once per process.
-
-    Descendants of a command that outlive their parent are then re-parented to the
-    worker instead of init, so they stay visible and get reaped here.
-    """
-    global _subreaper_pid
-    with _subreaper_lock:
-        if _subreaper_pid == os.getpid():
-            return
-        _subreaper_pid = os.getpid()
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            error = ctypes.get_errno()
-            log.debug("prctl(PR_SET_CHILD_SUBREAPER) failed: %s", os.strerror(error))
-    except (OSError, AttributeError) as exc:
-        log.debug("prctl(PR_SET_CHILD_SUBREAPER) is unavailable: %s", exc)
-
-
-def reap_orphans() -> int:
-    """Reap exited children that no running command owns and return how many were reaped.
-
-    These are descendants of commands re-parented to the worker as subreaper.
-    NOTE: a child started elsewhere in the worker process without this module (for
-    example by a Python driver) is reaped too if it has exited, and its Popen then
-    reports exit status 0.
-    """
-    reaped = 0
-    with _running_pids_lock:
-        try:
-            children = psutil.Process().children()
-        except psutil.Error as exc:
-            log.warning("listing child processes failed: %s", exc)
-            return 0
-        for child in children:
-            if child.pid in _running_pids:
-                continue
-            try:
-                pid, status = os.waitpid(child.pid, os.WNOHANG)
-            except ChildProcessError:
-                continue
-            if pid:
-                reaped += 1
-                log.debug("reaped orphan pid=%d status=%d", pid, status)
-    return reaped
 
 
 def substitute_placeholders(argv: list[str], context: TaskContext) -> list[str]:
@@ -383,7 +309,7 @@ class CommandDriver(Driver):
         self.config = config
         self.workdir = os.path.join(base_dir, config.workdir) if config.workdir else base_dir
         self.warn_embedded_placeholders()
-        enable_child_subreaper()
+        reaping.enable_child_subreaper()
 
     def warn_embedded_placeholders(self) -> None:
         for task_type, argv in self.config.commands.items():
@@ -431,14 +357,14 @@ class CommandDriver(Driver):
         environment.update(TASKVISOR_TASK_ID=context.task_id, TASKVISOR_PROVIDER=context.provider,
                            TASKVISOR_TASK_TYPE=context.task_type, TASKVISOR_INSTANCE=context.instance)
         pipe = subprocess.PIPE
-        with _running_pids_lock:
+        with reaping.running_pids_lock:
             try:
                 process = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, cwd=self.workdir,
                                            env=environment, start_new_session=True)
             except OSError as exc:
                 message = f"command {argv[0]} could not be started (working directory {self.workdir}): {exc}"
                 raise TaskFailed(message) from exc
-            _running_pids.add(process.pid)
+            reaping.running_pids.add(process.pid)
         log.info("task_id=%s provider=%s pid=%d: started %s command %s",
                  context.task_id, context.provider, process.pid, context.task_type, argv[0])
         return process
@@ -456,9 +382,9 @@ class CommandDriver(Driver):
                 process.wait(KILL_WAIT_SECONDS)
             except subprocess.TimeoutExpired:
                 log.error("%s: command did not exit %g s after SIGKILL", run.tag, KILL_WAIT_SECONDS)
-            with _running_pids_lock:
-                _running_pids.discard(process.pid)
-            reap_orphans()
+            with reaping.running_pids_lock:
+                reaping.running_pids.discard(process.pid)
+            reaping.reap_orphans()
 
     def outcome(self, run: CommandRun, duration: float) -> dict | None:
         returncode = run.process.returncode
