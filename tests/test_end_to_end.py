@@ -232,6 +232,7 @@ def test_restart_mid_batch_loses_nothing(sqlite_url, redis_server, supervisor_fa
         first.process.wait(10)
     else:
         assert first.stop(signal.SIGTERM) == 0
+        assert "grace period over; stopping running tasks and returning them to pending" in first.log()
     second = supervisor_factory(sqlite_url, providers)
 
     def all_completed() -> bool:
