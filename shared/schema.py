@@ -17,6 +17,8 @@ from shared.states import TaskType
 TASK_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+# Plain decimal notation only, so every producer language writes and reads it the same way.
+TIMEOUT_PATTERN = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,6})?$")
 
 MAX_DATA_BYTES = 65536
 # A week: a longer task timeout is taken as a unit mistake (milliseconds for seconds).
@@ -63,11 +65,12 @@ def _check_pattern(name: str, value: str, pattern: re.Pattern, rule: str) -> str
 
 
 def parse_timeout(text: str) -> float:
-    """Parse a timeout in seconds, raising InvalidEntry unless it is a positive, finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise InvalidEntry(f"field 'timeout' has invalid value {text!r}: expected a number of seconds") from None
+    """Parse a timeout in seconds, raising InvalidEntry unless it is a positive decimal number."""
+    if not TIMEOUT_PATTERN.match(text):
+        raise InvalidEntry(
+            f"field 'timeout' has invalid value {text!r}: expected a positive number of seconds such as 300 or 2.5"
+        )
+    value = float(text)
     if not math.isfinite(value) or value <= 0:
         raise InvalidEntry(f"field 'timeout' has invalid value {text!r}: expected a positive number of seconds")
     if value > MAX_TIMEOUT_SECONDS:

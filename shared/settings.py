@@ -91,7 +91,7 @@ class Config(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=
     database: DatabaseConfig = DatabaseConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     # field names whose values are replaced by *** in SQL, events, logs and CLI output,
-    # on top of password, secret and token
+    # on top of password, passwd, secret and token
     secret_fields: list[str] = []
     # folder that relative paths in the file are resolved against
     base_dir: str = "."

@@ -155,8 +155,22 @@ class TaskState:
             )
         )
 
-    def renew_lease(self, provider: str, task_id: str, owner: str, lease_ms: int) -> bool:
-        return bool(self.scripts["renew"](keys=[self.keys.lease(provider, task_id)], args=[owner, lease_ms]))
+    def renew_lease(self, spec: TaskSpec, owner: str, consumer: str, lease_ms: int) -> bool:
+        """Extend the task's lease; False when this owner no longer holds it."""
+        keys = [self.keys.lease(spec.provider, spec.id), self.keys.tasks(spec.provider)]
+        return bool(self.scripts["renew"](keys=keys, args=[owner, lease_ms, WORKER_GROUP, consumer, spec.entry]))
+
+    def claim_abandoned(self, provider: str, consumer: str, lease_ms: int) -> int:
+        """Take over entries that no worker has touched for a whole lease; returns how many.
+
+        A running task's worker renews its entry with every lease renewal, so an entry
+        idle for longer belongs to a worker that died or to a consumer name no longer
+        in use. The start script still refuses a task whose lease is alive.
+        """
+        reply = self.client.xautoclaim(
+            self.keys.tasks(provider), WORKER_GROUP, consumer, min_idle_time=lease_ms, start_id="0-0", count=20, justid=True
+        )
+        return len(reply[1]) if reply and len(reply) > 1 else 0
 
     def dead_letter(self, provider: str, entry_id: str, fields: dict, reason: str) -> None:
         """Move an invalid entry to the dead-letter stream with its fields redacted."""

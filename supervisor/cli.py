@@ -20,6 +20,16 @@ from shared.store import open_store
 
 LIST_LIMIT_MAX = 500
 
+# `taskvisor get` shows these fields, in this order, whether the task comes from Redis or SQL.
+GET_FIELDS = (
+    "id", "provider", "type", "instance", "user", "status", "progress", "message", "error", "data", "result",
+    "timeout", "attempts", "owner", "created_at", "started_at", "completed_at", "updated_at", "source",
+)  # fmt: skip
+SQL_TO_HASH_FIELDS = {
+    "provider_id": "provider", "task_type": "type", "instance_id": "instance", "user_id": "user",
+    "status_message": "message", "error_message": "error", "task_data": "data", "timeout_seconds": "timeout",
+}  # fmt: skip
+
 
 def connection_options(command):
     """Add --config, --redis-url and --database-url, resolved into one Config argument."""
@@ -97,8 +107,11 @@ def submit(config: Config, provider, task_type, instance, user, data, timeout, t
         fail(f"task not submitted: {exc}")
 
     client = _redis(config)
+    keys = Keys(config.redis.prefix)
     try:
-        entry_id = client.xadd(Keys(config.redis.prefix).tasks(provider), fields).decode()
+        if task_id and client.hexists(keys.task_index(), task_id):
+            fail(f"task not submitted: task id '{task_id}' is already used; choose another --id or omit it")
+        entry_id = client.xadd(keys.tasks(provider), fields).decode()
     except redis.RedisError as exc:
         fail(f"task not submitted: Redis at {redact_url(config.redis.url)} failed: {exc}")
     spec = parse_entry(provider, entry_id, fields)
@@ -124,17 +137,21 @@ def get(config: Config, task_id: str, as_json: bool) -> None:
     except redis.RedisError as exc:
         click.echo(f"warning: Redis unavailable ({exc}); showing the SQL row", err=True)
     if task is None:
-        task = _store_call(config, lambda store: store.get_task(task_id))
-        if task is not None:
-            task = {name: _display_time(name, value) for name, value in task.items()}
+        row = _store_call(config, lambda store: store.get_task(task_id))
+        if row is not None:
+            task = {SQL_TO_HASH_FIELDS.get(name, name): value for name, value in row.items()}
+            task["source"] = "database"
+    else:
+        task = _typed_hash_fields(task)
+        task["source"] = "redis"
     if task is None:
         fail(f"task '{task_id}' not found in Redis or in the database")
-    task.pop("instance_before", None)
+    shown = {name: _display_time(name, task.get(name)) for name in GET_FIELDS if name in task}
     if as_json:
-        click.echo(orjson.dumps(task, option=orjson.OPT_INDENT_2).decode())
+        click.echo(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
         return
-    for name, value in task.items():
-        click.echo(f"{name:14} {_display_time(name, value)}")
+    for name, value in shown.items():
+        click.echo(f"{name:14} {'' if value is None else value}")
 
 
 @cli.command(name="list")
@@ -171,7 +188,7 @@ def _print_task_table(rows: list[dict]) -> None:
         click.echo(
             f"{row['id']:40} {row['provider_id']:12} {row['task_type']:14} {(row['instance_id'] or '-'):16} "
             f"{row['status']:10} {row['progress']:>4.0f} {_display_time('created_at', row['created_at'])[:19]:19}  "
-            f"{(row['error_message'] or '')[:60]}"
+            f"{' '.join((row['error_message'] or '').split())[:60]}"
         )
 
 
@@ -220,8 +237,23 @@ def _store_call(config: Config, action):
         fail(f"database {redact_url(config.database.url)}: {exc}")
 
 
+def _typed_hash_fields(task: dict[str, str]) -> dict:
+    """Convert the text values of a status hash to the types the SQL row has."""
+    typed: dict = dict(task)
+    for name, kind in (("progress", float), ("timeout", float), ("attempts", int)):
+        if typed.get(name):
+            typed[name] = kind(typed[name])
+    for name in ("result", "instance", "message", "error"):
+        if typed.get(name) == "":
+            typed[name] = None if name in ("result", "instance") else ""
+    return typed
+
+
 def _display_time(name: str, value):
-    if name.endswith("_at") and value not in (None, ""):
+    """Return a time field as UTC text; other fields unchanged."""
+    if name.endswith("_at") and value == "":
+        return None
+    if name.endswith("_at") and value is not None:
         try:
             return datetime.fromtimestamp(float(value), UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         except (TypeError, ValueError):

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import msgspec
+import psutil
 import redis
 
 from shared.errors import TaskvisorError
@@ -28,6 +29,7 @@ from shared.store import open_store
 from supervisor.intake import intake_main
 from supervisor.mirror import mirror_main
 from supervisor.recovery import reassign_orphans
+from worker.drivers.reaping import enable_child_subreaper
 from worker.main import EXIT_BOOT_FAILURE, worker_main
 
 log = logging.getLogger(__name__)
@@ -80,9 +82,38 @@ class Supervisor:
         store.init_schema()
         store.close()
         for provider, settings in config.providers.items():
+            if settings.group_size == 0:
+                log.warning("provider has no workers (maxConcurrentTasks: 0); its tasks wait in the stream provider=%s", provider)
             ensure_group(client, self.keys.tasks(provider), WORKER_GROUP)
             reassign_orphans(client, self.keys, config.supervisor.name, provider, settings.group_size)
         client.close()
+
+    def kill_orphans(self) -> None:
+        """Kill the process groups of commands whose worker died.
+
+        The supervisor is the child subreaper, so when a worker dies its running command
+        is re-parented here. Its task is taken over by another worker, so the command
+        must not go on changing the instance behind that worker's back.
+        """
+        known = set(self.children)
+        try:
+            strays = [proc for proc in psutil.Process(self.pid).children() if proc.pid not in known]
+        except psutil.Error:
+            return
+        own_group = os.getpgid(0)
+        for proc in strays:
+            try:
+                group = os.getpgid(proc.pid)
+                command = " ".join(proc.cmdline())[:200]
+                if group != own_group:
+                    os.killpg(group, signal.SIGKILL)
+                else:
+                    os.kill(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, psutil.Error):
+                continue
+            log.warning("killed process left by a dead worker pid=%d group=%d command=%s", proc.pid, group, command)
+        if strays:
+            self.reap_children()
 
     def install_signals(self) -> None:
         signal.set_wakeup_fd(self.wakeup_write)
@@ -96,6 +127,7 @@ class Supervisor:
 
     def run(self) -> int:
         self.prepare()
+        enable_child_subreaper()
         self.install_signals()
         log.info(
             "supervisor started name=%s providers=%d redis=%s database=%s pid=%d",
@@ -107,6 +139,7 @@ class Supervisor:
             self.wait_for_wakeup(TICK_SECONDS)
             self.handle_signals()
             self.reap_children()
+            self.kill_orphans()
         self.shutdown()
         return 0
 
@@ -234,8 +267,11 @@ class Supervisor:
                 except ProcessLookupError:
                     pass
 
-    def wait_for_children(self, role: str | None, deadline: float) -> bool:
-        """Reap until no child of `role` is left or the deadline passes; True when none is left."""
+    def wait_for_children(self, role: str | None, deadline: float, until_cold_stop: bool = False) -> bool:
+        """Reap until no child of `role` is left or the deadline passes; True when none is left.
+
+        With `until_cold_stop`, a second SIGTERM or Ctrl-C also ends the wait.
+        """
         while True:
             self.reap_children()
             left = [child for child in self.children.values() if role is None or child.role == role]
@@ -245,7 +281,8 @@ class Supervisor:
                 return False
             self.wait_for_wakeup(0.1)
             self.handle_signals()
-            if self.cold_stop and role == "worker":
+            if until_cold_stop and self.cold_stop:
+                log.info("second stop signal; not waiting for running tasks to finish")
                 return False
 
     def shutdown(self) -> None:
@@ -253,7 +290,7 @@ class Supervisor:
         workers = sum(1 for child in self.children.values() if child.role == "worker")
         log.info("stopping workers count=%d grace=%.0fs", workers, grace)
         self.signal_children("worker", signal.SIGTERM)
-        if not self.wait_for_children("worker", time.monotonic() + grace):
+        if not self.wait_for_children("worker", time.monotonic() + grace, until_cold_stop=True):
             log.warning("grace period over; stopping running tasks and returning them to pending")
             self.signal_children("worker", signal.SIGUSR1)
             kill_grace = max((p.driver.kill_grace for p in self.config.providers.values()), default=5.0)

@@ -63,6 +63,11 @@ def test_submit_get_list(config_file):
         table = taskvisor("list", "--user", "bob", env=env)
         assert "order-77" in table.stdout
         assert task_id not in table.stdout
+
+        again = taskvisor("submit", "--provider", "pve-1", "--type", "stop", "--instance", "vm-8", "--user", "bob",
+                          "--id", "order-77", env=env)
+        assert again.returncode != 0
+        assert "task id 'order-77' is already used" in again.stderr
     finally:
         process.terminate()
         process.wait(30)

@@ -250,20 +250,40 @@ def test_restart_mid_batch_loses_nothing(sqlite_url, redis_server, supervisor_fa
 def test_killed_worker_is_replaced(sqlite_url, redis_server, supervisor_factory, tmp_path):
     import os
 
+    import psutil
+
     runs = tmp_path / "runs.log"
-    script = write_script(tmp_path / "op.sh", f'cat >/dev/null\necho "$3 $PPID" >> {runs}\nsleep 1\necho "{{}}"\n')
+    script = write_script(tmp_path / "op.sh", f'cat >/dev/null\necho "$3 $$" >> {runs}\nsleep 4\necho "{{}}"\n')
     supervisor = supervisor_factory(sqlite_url, {"p": command_provider(script)})
     client = redis_server.client()
     client.xadd("taskvisor:{p}:tasks", {"id": "victim", "type": "restart", "instance": "vm-1", "user": "u"})
     client.xadd("taskvisor:{p}:tasks", {"id": "behind", "type": "restart", "instance": "vm-2", "user": "u"})
     wait_for(lambda: task_hash(client, "p", "victim").get("status") == "running", 10, "the first task to run")
     worker_pid = int(task_hash(client, "p", "victim")["owner"].rsplit(":", 1)[1])
+    command_pid = int(wait_for(lambda: runs.exists() and runs.read_text().split(), 5, "the command to start")[1])
 
     os.kill(worker_pid, signal.SIGKILL)
-    wait_for(lambda: task_hash(client, "p", "victim").get("status") == "completed", 20, "the task to be run again")
-    wait_for(lambda: task_hash(client, "p", "behind").get("status") == "completed", 20, "the next task")
+    wait_for(lambda: not psutil.pid_exists(command_pid) or psutil.Process(command_pid).status() == psutil.STATUS_ZOMBIE,
+             3, "the dead worker's command to be killed")
+    wait_for(lambda: task_hash(client, "p", "victim").get("status") == "completed", 30, "the task to be run again")
+    wait_for(lambda: task_hash(client, "p", "behind").get("status") == "completed", 30, "the next task")
     victim = task_hash(client, "p", "victim")
     assert victim["attempts"] == "2"
     assert int(victim["owner"].rsplit(":", 1)[1]) != worker_pid
-    assert f"child killed by signal SIGKILL role=worker provider=p slot=0 pid={worker_pid}" in supervisor.log()
+    log = supervisor.log()
+    assert f"child killed by signal SIGKILL role=worker provider=p slot=0 pid={worker_pid}" in log
+    assert f"killed process left by a dead worker pid={command_pid}" in log
     assert sorted(line.split()[0] for line in runs.read_text().splitlines()) == ["behind", "victim", "victim"]
+
+
+def test_abandoned_entry_claimed_after_rename(sqlite_url, redis_server, supervisor_factory, tmp_path, operation_script):
+    client = redis_server.client()
+    stream = "taskvisor:{p}:tasks"
+    client.xgroup_create(stream, "workers", id="0", mkstream=True)
+    client.xadd(stream, {"id": "orphan", "type": "start", "instance": "vm-1", "user": "u"})
+    # A consumer of a supervisor that ran under another name took the entry and vanished.
+    client.xreadgroup("workers", "old-host-p-0", {stream: ">"}, count=1)
+
+    supervisor_factory(sqlite_url, {"p": command_provider(operation_script)})
+    wait_for(lambda: task_hash(client, "p", "orphan").get("status") == "completed", 20, "the orphaned entry to run")
+    assert client.xpending(stream, "workers")["pending"] == 0

@@ -105,12 +105,19 @@ class Worker:
 
     def loop(self) -> int:
         next_own_check = 0.0
+        next_abandoned_check = time.monotonic() + self.config.supervisor.lease_seconds / 2
         backoff = 0.5
         while not self.stopping:
             if os.getppid() != self.parent_pid:
                 log.warning("supervisor is gone; worker exits provider=%s pid=%d", self.provider, os.getpid())
                 break
             try:
+                if time.monotonic() >= next_abandoned_check:
+                    next_abandoned_check = time.monotonic() + self.config.supervisor.lease_seconds / 2
+                    claimed = self.state.claim_abandoned(self.provider, self.consumer, self.lease_ms)
+                    if claimed:
+                        log.info("abandoned entries claimed provider=%s count=%d consumer=%s", self.provider, claimed, self.consumer)
+                        next_own_check = 0.0
                 if time.monotonic() >= next_own_check:
                     next_own_check = time.monotonic() + OWN_ENTRIES_INTERVAL
                     for entry_id, fields in self.read(own=True):
@@ -254,7 +261,7 @@ class Worker:
             if spec is None:
                 continue
             try:
-                if not self.state.renew_lease(self.provider, spec.id, self.owner, self.lease_ms):
+                if not self.state.renew_lease(spec, self.owner, self.consumer, self.lease_ms):
                     log.warning("lease lost task_id=%s provider=%s pid=%d", spec.id, self.provider, os.getpid())
             except redis.RedisError as exc:
                 log.warning("lease renewal failed task_id=%s provider=%s error=%s", spec.id, self.provider, exc)

@@ -16,11 +16,13 @@ from datetime import datetime, timedelta
 from typing import Any, Self
 
 from shared.errors import StoreError
-
-MISSING_SCHEMA_HINT = "; the taskvisor tables do not exist yet: run `taskvisor db init` (or start the supervisor, which creates them)"
 from shared.store.records import InstanceRecord, TaskRecord
 
 logger = logging.getLogger(__name__)
+
+MISSING_SCHEMA_HINT = (
+    "; the taskvisor tables do not exist yet: run `taskvisor db init` (or start the supervisor, which creates them)"
+)
 
 # Bump this and add the upgrade steps to both backends when the schema changes.
 SCHEMA_VERSION = 1
@@ -164,7 +166,7 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         return int(micros_text), task_id
     except (binascii.Error, UnicodeError, ValueError):
         raise StoreError(
-            f"invalid cursor {cursor!r}: pass the value that cursor_for() returned for the last row of a page"
+            f"invalid cursor {cursor!r}: pass the cursor printed at the end of the previous page"
         ) from None
 
 

@@ -6,8 +6,8 @@ replaced by `_` (`create`, `start`, `stop`, `restart`, `delete`, `reset`,
 (a dict that becomes the task's `result`, or None) or raises `TaskFailed`. Any other
 exception also fails the task, with the exception as its error.
 
-The worker calls the method in a separate thread. When the task's timeout passes or a
-cancel arrives, the worker sets `context.cancelled`; the method must then stop its
+The worker calls the method in a separate thread. When the task's timeout passes, a
+cancel arrives or the worker must shut down, the worker sets `context.cancelled`; the method must then stop its
 work and return or raise soon. A method that keeps running past the kill grace gets
 its worker process replaced, which is the only way to stop Python code by force.
 """
@@ -78,7 +78,7 @@ class TaskContext:
 
 
 class Driver:
-    """Base class for drivers. `options` is the provider's `driver` mapping from the config."""
+    """Base class for drivers. `options` is the provider's `driver.options` mapping from the config."""
 
     def __init__(self, provider: str, options: dict) -> None:
         self.provider = provider

@@ -32,7 +32,7 @@ import time
 import orjson
 
 from shared.errors import TaskFailed
-from shared.settings import PLACEHOLDERS, DriverConfig
+from shared.settings import DriverConfig
 from worker.drivers import reaping
 from worker.drivers.base import Driver, TaskContext
 
@@ -308,16 +308,7 @@ class CommandDriver(Driver):
         super().__init__(provider, config.options)
         self.config = config
         self.workdir = os.path.join(base_dir, config.workdir) if config.workdir else base_dir
-        self.warn_embedded_placeholders()
         reaping.enable_child_subreaper()
-
-    def warn_embedded_placeholders(self) -> None:
-        for task_type, argv in self.config.commands.items():
-            for arg in argv:
-                embedded = [name for name in PLACEHOLDERS if "{" + name + "}" in arg]
-                if embedded and arg != "{" + embedded[0] + "}":
-                    log.warning("provider=%s: argument %r of the %s command is passed unchanged, because only an"
-                                " argument that is exactly one placeholder is replaced", self.provider, arg, task_type)
 
     def run(self, context: TaskContext) -> dict | None:
         """Run the command configured for `context.task_type` and return its JSON result.
