@@ -12,6 +12,8 @@ PROVIDER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 WORKER_GROUP = "workers"
 # Consumer group on a provider's event stream, read by the SQL mirror.
 MIRROR_GROUP = "mirror"
+# Pub/sub channel on which cancel notices are published as `<provider> <task id>`.
+CANCEL_CHANNEL_SUFFIX = "cancel"
 
 
 class Keys:
@@ -44,9 +46,23 @@ class Keys:
         """Key held by the worker running a task, kept alive by its heartbeat."""
         return f"{self.prefix}:{{{provider}}}:lease:{task_id}"
 
+    def instance_queue(self, provider: str, instance: str) -> str:
+        """Sorted set of the unfinished entries of one instance, in stream order."""
+        return f"{self.instance_queue_prefix(provider)}{instance}"
+
+    def instance_queue_prefix(self, provider: str) -> str:
+        return f"{self.prefix}:{{{provider}}}:queue:"
+
+    def busy(self, provider: str) -> str:
+        """Hash of worker owner (`<consumer>:<pid>`) to `<task id> <start time>` while it runs a task."""
+        return f"{self.prefix}:{{{provider}}}:busy"
+
     def task_index(self) -> str:
         """Hash of task id to `<provider> <entry id>`, which keeps task ids unique across providers."""
         return f"{self.prefix}:task-index"
+
+    def cancel_channel(self) -> str:
+        return f"{self.prefix}:{CANCEL_CHANNEL_SUFFIX}"
 
     def provider_from_task_key(self, key: str) -> str:
         start = key.index("{") + 1

@@ -15,11 +15,17 @@ import redis
 from shared.keys import WORKER_GROUP, Keys
 from shared.redaction import Redactor
 from shared.schema import TaskSpec
-from shared.states import TERMINAL_STATUSES, TaskStatus, lua_transition_table
+from shared.states import (
+    TERMINAL_STATUSES,
+    TaskStatus,
+    instance_rule_after,
+    instance_rule_while_running,
+    lua_transition_table,
+)
 
 log = logging.getLogger(__name__)
 
-SCRIPT_NAMES = ("admit", "start", "finish", "progress", "renew", "dead_letter")
+SCRIPT_NAMES = ("admit", "take", "start", "finish", "progress", "renew", "dead_letter", "cancel")
 
 
 def _script_source(name: str) -> str:
@@ -36,12 +42,7 @@ def _text(value: object) -> str:
 
 
 class StartResult:
-    """What happened when a worker tried to start a task.
-
-    `outcome` is "ok" (the worker now owns it), "busy" (another live worker holds its
-    lease), "finished" (it already ended), "cancelling" (a cancel is under way and its
-    worker is gone) or "duplicate" (the id belongs to an earlier entry).
-    """
+    """What happened when a worker tried to start a task: the reply of start.lua."""
 
     def __init__(self, reply: list) -> None:
         self.outcome = _text(reply[0])
@@ -50,6 +51,25 @@ class StartResult:
     @property
     def attempts(self) -> int:
         return int(self.detail) if self.outcome == "ok" else 0
+
+
+class FinishResult:
+    """The reply of the finish script.
+
+    `outcome` is "ok", "missing", "fenced" or "illegal" (with `current`, the status the
+    task has). `handed_over` is the (entry id, fields) of the instance's next task when
+    it was handed to the finishing worker.
+    """
+
+    def __init__(self, reply: list) -> None:
+        self.outcome = _text(reply[0])
+        self.current = ""
+        self.handed_over: tuple[str, dict] | None = None
+        if self.outcome == "ok" and len(reply) == 3:
+            flat = reply[2]
+            self.handed_over = (_text(reply[1]), {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)})
+        elif len(reply) > 1:
+            self.current = _text(reply[1])
 
 
 class TaskState:
@@ -101,17 +121,40 @@ class TaskState:
             client=pipe,
         )
 
-    def start(self, spec: TaskSpec, timeout: float, owner: str, lease_ms: int, running_rule: str) -> StartResult:
-        provider = spec.provider
-        reply = self.scripts["start"](
-            keys=[
-                self.keys.task(provider, spec.id),
-                self.keys.events(provider),
-                self.keys.instances(provider),
-                self.keys.lease(provider, spec.id),
-            ],
-            args=[self.events_max_len, owner, lease_ms, running_rule, spec.entry, *self.public_fields(spec, timeout)],
+    def take(self, provider: str, consumer: str) -> tuple[str, dict] | str:
+        """Deliver the next new entry to `consumer`, queueing it behind its instance's earlier ones.
+
+        Returns (entry id, fields), or the id of the newest entry when there is nothing new.
+        """
+        reply = self.scripts["take"](
+            keys=[self.keys.tasks(provider)],
+            args=[WORKER_GROUP, consumer, self.keys.instance_queue_prefix(provider)],
         )
+        if _text(reply[0]) == "none":
+            return _text(reply[1])
+        flat = reply[2]
+        return _text(reply[1]), {flat[index]: flat[index + 1] for index in range(0, len(flat), 2)}
+
+    def _task_keys(self, spec: TaskSpec) -> list[str]:
+        provider = spec.provider
+        return [
+            self.keys.task(provider, spec.id),
+            self.keys.events(provider),
+            self.keys.instances(provider),
+            self.keys.lease(provider, spec.id),
+            self.keys.tasks(provider),
+            self.keys.instance_queue(provider, spec.instance),
+            self.keys.busy(provider),
+        ]
+
+    def start(self, spec: TaskSpec, timeout: float, owner: str, lease_ms: int) -> StartResult:
+        running_rule = instance_rule_while_running(spec.type)
+        cancel_rule = instance_rule_after(spec.type, TaskStatus.CANCELLED)
+        reply = self.scripts["start"](
+            keys=self._task_keys(spec),
+            args=[self.events_max_len, owner, lease_ms, running_rule, cancel_rule, WORKER_GROUP, spec.entry,
+                  *self.public_fields(spec, timeout)],
+        )  # fmt: skip
         return StartResult(reply)
 
     def finish(
@@ -119,32 +162,36 @@ class TaskState:
         spec: TaskSpec,
         owner: str,
         status: TaskStatus,
-        instance_rule: str,
         fields: dict[str, str],
-    ) -> tuple[str, str]:
-        """Move an owned task to `status`; returns ("ok", "") or (refusal, current status)."""
-        provider = spec.provider
+        handoff_consumer: str = "",
+    ) -> FinishResult:
+        """Move an owned task to `status`, and hand the instance's next task to `handoff_consumer`."""
         pairs: list[str] = []
         for name, value in fields.items():
             pairs += [name, value]
+        rule = instance_rule_after(spec.type, status)
+        cancel_rule = instance_rule_after(spec.type, TaskStatus.CANCELLED)
         reply = self.scripts["finish"](
-            keys=[
-                self.keys.task(provider, spec.id),
-                self.keys.events(provider),
-                self.keys.instances(provider),
-                self.keys.lease(provider, spec.id),
-                self.keys.tasks(provider),
-            ],
-            args=[self.events_max_len, owner, str(status), instance_rule, WORKER_GROUP, spec.entry, *pairs],
-        )
-        outcome = _text(reply[0])
-        current = _text(reply[1]) if len(reply) > 1 else ""
-        if outcome != "ok":
+            keys=self._task_keys(spec),
+            args=[self.events_max_len, owner, str(status), rule, cancel_rule, WORKER_GROUP, spec.entry,
+                  handoff_consumer, *pairs],
+        )  # fmt: skip
+        result = FinishResult(reply)
+        if result.outcome != "ok":
             log.warning(
                 "state change rejected task_id=%s provider=%s to=%s reason=%s current=%s owner=%s",
-                spec.id, provider, status, outcome, current, owner,
+                spec.id, spec.provider, status, result.outcome, result.current, owner,
             )  # fmt: skip
-        return outcome, current
+        return result
+
+    def cancel(self, provider: str, task_id: str, user: str = "", reason: str = "", stored: bool = False) -> list[str]:
+        """Apply a cancel request (see cancel.lua for the replies); `user` '' means an administrator."""
+        reply = self.scripts["cancel"](
+            keys=[self.keys.task(provider, task_id), self.keys.events(provider), self.keys.tasks(provider)],
+            args=[self.events_max_len, WORKER_GROUP, self.keys.instance_queue_prefix(provider), user, reason,
+                  "stored" if stored else ""],
+        )  # fmt: skip
+        return [_text(item) for item in reply]
 
     def report_progress(self, spec: TaskSpec, owner: str, percent: float, message: str, lease_ms: int) -> bool:
         provider = spec.provider
@@ -184,8 +231,9 @@ class TaskState:
             except orjson.JSONDecodeError:
                 # Secret fields cannot be found in broken JSON, so none of it is kept.
                 readable["data"] = "(not valid JSON, not shown)"
+        instance = readable.get("instance", "")
         self.scripts["dead_letter"](
-            keys=[self.keys.dead(provider), self.keys.tasks(provider)],
+            keys=[self.keys.dead(provider), self.keys.tasks(provider), self.keys.instance_queue(provider, instance)],
             args=[self.dead_max_len, WORKER_GROUP, entry_id, reason, orjson.dumps(readable).decode()],
         )
         log.warning("entry rejected provider=%s entry=%s reason=%s", provider, entry_id, reason)

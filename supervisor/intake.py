@@ -54,23 +54,44 @@ class Intake:
         )
         log.info("intake started providers=%d pid=%d", len(self.streams), os.getpid())
         backoff = 0.5
+        self.pubsub = None
         while not self.stopping and self.streams:
             try:
+                if self.pubsub is None:
+                    self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                    self.pubsub.subscribe(self.keys.cancel_channel())
+                self.apply_cancel_notices()
                 self.pass_once()
                 backoff = 0.5
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable in intake retry_in=%.1fs error=%s", backoff, exc)
+                self.pubsub = None
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         log.info("intake stopped pid=%d", os.getpid())
         return 0
+
+    def apply_cancel_notices(self) -> None:
+        """Apply cancel requests that producers stored in task hashes and announced."""
+        while True:
+            message = self.pubsub.get_message(timeout=0)
+            if message is None:
+                return
+            data = message.get("data")
+            text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+            provider, _, task_id = text.strip().partition(" ")
+            if provider not in self.config.providers or not task_id:
+                log.warning("cancel notice ignored: expected '<provider> <task id>' of a configured provider, got %r", text[:200])
+                continue
+            reply = self.state.cancel(provider, task_id, stored=True)
+            log.info("cancel notice handled task_id=%s provider=%s reply=%s", task_id, provider, " ".join(reply))
 
     def pass_once(self) -> None:
         reply = self.client.xread(self.positions, count=READ_COUNT, block=READ_BLOCK_MS)
         if not reply:
             return
         pipe = self.client.pipeline(transaction=False)
-        queued = 0
+        admitted: list[tuple[str, str]] = []
         for stream_name, items in reply:
             stream = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
             provider = self.streams[stream]
@@ -88,9 +109,13 @@ class Intake:
                     continue
                 timeout = spec.timeout or settings.timeout_for(spec.type)
                 self.state.admit(spec, timeout, pipe=pipe)
-                queued += 1
-        if queued:
-            pipe.execute()
+                admitted.append((provider, spec.id))
+        if not admitted:
+            return
+        for (provider, task_id), status in zip(admitted, pipe.execute()):
+            if status in (b"cancel_requested", "cancel_requested"):
+                reply = self.state.cancel(provider, task_id, stored=True)
+                log.info("stored cancel request applied task_id=%s provider=%s reply=%s", task_id, provider, reply[0])
 
 
 def intake_main(config: Config) -> int:

@@ -331,7 +331,7 @@ def test_list_limit_clamped(store: Store) -> None:
 def test_invalid_cursor(store: Store) -> None:
     with pytest.raises(StoreError, match="invalid cursor") as caught:
         store.list_tasks(before="not a cursor!")
-    assert "cursor_for()" in str(caught.value)
+    assert "pass the cursor printed at the end of the previous page" in str(caught.value)
 
 
 def test_count_by_status(store: Store) -> None:

@@ -8,7 +8,7 @@ from shared.keys import WORKER_GROUP, Keys
 from shared.redaction import Redactor
 from shared.redis_client import ensure_group
 from shared.schema import parse_entry
-from shared.states import TaskStatus, instance_rule_after, instance_rule_while_running
+from shared.states import TaskStatus
 from shared.taskstate import TaskState
 from tests.harness import wait_for
 
@@ -26,11 +26,12 @@ def make_state(client) -> TaskState:
 
 
 def push(client, provider: str, **fields: str):
-    """Add an entry, deliver it to a consumer, and return its parsed spec."""
+    """Add an entry, deliver it to a consumer with the take script, and return its parsed spec."""
     stream = KEYS.tasks(provider)
     ensure_group(client, stream, WORKER_GROUP)
     entry_id = client.xadd(stream, fields).decode()
-    client.xreadgroup(WORKER_GROUP, "reader", {stream: ">"}, count=100)
+    taken = make_state(client).take(provider, "reader")
+    assert taken[0] == entry_id
     return parse_entry(provider, entry_id, fields)
 
 
@@ -46,13 +47,12 @@ def test_task_lifecycle_events(client):
     state = make_state(client)
     spec = push(client, "p", id="t1", type="start", instance="vm-1", user="u")
     state.admit(spec, 300)
-    started = state.start(spec, 300, "w1", 5000, instance_rule_while_running(spec.type))
+    started = state.start(spec, 300, "w1", 5000)
     assert started.outcome == "ok"
     assert started.attempts == 1
     assert client.hget(KEYS.instances("p"), "vm-1") == b"starting"
 
-    outcome = state.finish(spec, "w1", TaskStatus.COMPLETED, instance_rule_after(spec.type, TaskStatus.COMPLETED), {})
-    assert outcome == ("ok", "")
+    assert state.finish(spec, "w1", TaskStatus.COMPLETED, {}).outcome == "ok"
     assert statuses_in_events(client, "p", "t1") == [("pending", 1), ("running", 2), ("completed", 3)]
     assert client.hget(KEYS.instances("p"), "vm-1") == b"running"
     assert client.xlen(KEYS.tasks("p")) == 0
@@ -63,11 +63,12 @@ def test_task_lifecycle_events(client):
 def test_terminal_task_cannot_move(client):
     state = make_state(client)
     spec = push(client, "p", id="t2", type="stop", instance="vm-1", user="u")
-    state.start(spec, 300, "w1", 5000, "stopping")
-    state.finish(spec, "w1", TaskStatus.FAILED, "restore", {"error": "boom"})
+    state.start(spec, 300, "w1", 5000)
+    state.finish(spec, "w1", TaskStatus.FAILED, {"error": "boom"})
 
-    assert state.finish(spec, "w1", TaskStatus.COMPLETED, "stopped", {}) == ("illegal", "failed")
-    assert state.start(spec, 300, "w2", 5000, "stopping").outcome == "finished"
+    rejected = state.finish(spec, "w1", TaskStatus.COMPLETED, {})
+    assert (rejected.outcome, rejected.current) == ("illegal", "failed")
+    assert state.start(spec, 300, "w2", 5000).outcome == "finished"
     task = state.read("p", "t2")
     assert task["status"] == "failed"
     assert task["error"] == "boom"
@@ -77,10 +78,11 @@ def test_terminal_task_cannot_move(client):
 def test_other_owner_is_fenced(client):
     state = make_state(client)
     spec = push(client, "p", id="t3", type="restart", instance="vm-1", user="u")
-    state.start(spec, 300, "w1", 5000, "restarting")
+    state.start(spec, 300, "w1", 5000)
 
-    assert state.start(spec, 300, "w2", 5000, "restarting").outcome == "busy"
-    assert state.finish(spec, "w2", TaskStatus.COMPLETED, "running", {}) == ("fenced", "running")
+    assert state.start(spec, 300, "w2", 5000).outcome == "busy"
+    fenced = state.finish(spec, "w2", TaskStatus.COMPLETED, {})
+    assert (fenced.outcome, fenced.current) == ("fenced", "running")
     assert not state.report_progress(spec, "w2", 50, "half", 5000)
     assert state.read("p", "t3")["owner"] == "w1"
 
@@ -89,14 +91,14 @@ def test_expired_lease_is_taken_over(client):
     state = make_state(client)
     spec = push(client, "p", id="t4", type="start", instance="vm-1", user="u")
     client.hset(KEYS.instances("p"), "vm-1", "stopped")
-    state.start(spec, 300, "w1", 100, "starting")
+    state.start(spec, 300, "w1", 100)
     wait_for(lambda: client.exists(KEYS.lease("p", "t4")) == 0, 5, "the lease to expire")
 
-    takeover = state.start(spec, 300, "w2", 5000, "starting")
+    takeover = state.start(spec, 300, "w2", 5000)
     assert takeover.outcome == "ok"
     assert takeover.attempts == 2
-    assert state.finish(spec, "w1", TaskStatus.COMPLETED, "running", {}) == ("fenced", "running")
-    state.finish(spec, "w2", TaskStatus.FAILED, instance_rule_after(spec.type, TaskStatus.FAILED), {})
+    assert state.finish(spec, "w1", TaskStatus.COMPLETED, {}).outcome == "fenced"
+    state.finish(spec, "w2", TaskStatus.FAILED, {})
     assert client.hget(KEYS.instances("p"), "vm-1") == b"stopped"
 
 
@@ -109,7 +111,7 @@ def test_racing_starts_have_one_winner(client):
         state = make_state(client.__class__(connection_pool=client.connection_pool))
         barrier.wait()
         for spec in specs:
-            outcomes[spec.id].append(state.start(spec, 300, owner, 5000, "starting").outcome)
+            outcomes[spec.id].append(state.start(spec, 300, owner, 5000).outcome)
 
     threads = [threading.Thread(target=contend, args=(f"w{index}",)) for index in range(4)]
     for thread in threads:
@@ -124,15 +126,15 @@ def test_requeue_restores_instance(client):
     state = make_state(client)
     spec = push(client, "p", id="t5", type="stop", instance="vm-1", user="u")
     client.hset(KEYS.instances("p"), "vm-1", "running")
-    state.start(spec, 300, "w1", 5000, "stopping")
+    state.start(spec, 300, "w1", 5000)
 
-    assert state.finish(spec, "w1", TaskStatus.PENDING, "restore", {"message": "interrupted"}) == ("ok", "")
+    assert state.finish(spec, "w1", TaskStatus.PENDING, {"message": "interrupted"}).outcome == "ok"
     task = state.read("p", "t5")
     assert task["status"] == "pending"
     assert task["owner"] == ""
     assert client.hget(KEYS.instances("p"), "vm-1") == b"running"
     assert client.xlen(KEYS.tasks("p")) == 1
-    assert state.start(spec, 300, "w2", 5000, "stopping").attempts == 2
+    assert state.start(spec, 300, "w2", 5000).attempts == 2
 
 
 def test_duplicate_id_keeps_first(client):
@@ -143,3 +145,82 @@ def test_duplicate_id_keeps_first(client):
     assert state.claim_id(second) == f"p {first.entry}"
     assert state.claim_id(first) is None
     assert state.locate("dup") == "p"
+
+
+def test_instance_tasks_run_in_order(client):
+    state = make_state(client)
+    first = push(client, "p", id="a1", type="stop", instance="vm-1", user="u")
+    second = push(client, "p", id="a2", type="start", instance="vm-1", user="u")
+    other = push(client, "p", id="b1", type="start", instance="vm-2", user="u")
+
+    assert state.start(second, 300, "w2", 5000).outcome == "wait"
+    assert state.start(other, 300, "w3", 5000).outcome == "ok"
+    assert state.start(first, 300, "w1", 5000).outcome == "ok"
+    assert state.start(second, 300, "w2", 5000).outcome == "wait"
+
+    finished = state.finish(first, "w1", TaskStatus.COMPLETED, {}, handoff_consumer="w1-consumer")
+    assert finished.handed_over is not None
+    assert finished.handed_over[0] == second.entry
+    pending = client.xpending_range(KEYS.tasks("p"), WORKER_GROUP, min=second.entry, max=second.entry, count=1)
+    assert pending[0]["consumer"] == b"w1-consumer"
+    assert state.start(second, 300, "w1", 5000).outcome == "ok"
+
+
+def test_dead_letter_unblocks_instance(client):
+    state = make_state(client)
+    stream = KEYS.tasks("p")
+    ensure_group(client, stream, WORKER_GROUP)
+    bad_id = client.xadd(stream, {"type": "boot", "instance": "vm-1", "user": "u"}).decode()
+    make_state(client).take("p", "reader")
+    good = push(client, "p", id="g1", type="start", instance="vm-1", user="u")
+    assert state.start(good, 300, "w1", 5000).outcome == "wait"
+
+    state.dead_letter("p", bad_id, {b"type": b"boot", b"instance": b"vm-1", b"user": b"u"}, "unknown type")
+    assert state.start(good, 300, "w1", 5000).outcome == "ok"
+
+
+def test_cancel_pending_and_running(client):
+    state = make_state(client)
+    waiting = push(client, "p", id="c1", type="start", instance="vm-1", user="alice")
+    state.admit(waiting, 300)
+    assert state.cancel("p", "c1", user="bob") == ["forbidden", "alice"]
+    assert state.cancel("p", "c1", user="alice", reason="changed my mind") == ["cancelled"]
+    cancelled = state.read("p", "c1")
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["cancelled_by"] == "alice"
+    assert client.xlen(KEYS.tasks("p")) == 0
+    assert state.cancel("p", "c1") == ["finished", "cancelled"]
+
+    running = push(client, "p", id="c2", type="stop", instance="vm-2", user="alice")
+    client.hset(KEYS.instances("p"), "vm-2", "running")
+    state.start(running, 300, "w1", 5000)
+    assert state.cancel("p", "c2") == ["cancelling", "w1"]
+    assert state.read("p", "c2")["status"] == "cancelling"
+    assert state.finish(running, "w1", TaskStatus.CANCELLED, {}).outcome == "ok"
+    assert client.hget(KEYS.instances("p"), "vm-2") == b"running"
+
+
+def test_stored_cancel_request(client):
+    state = make_state(client)
+    spec = push(client, "p", id="s1", type="restart", instance="vm-1", user="carol")
+    # A producer in another language stores the request before the task is registered.
+    client.hset(KEYS.task("p", "s1"), mapping={"cancel_user": "carol", "cancel_reason": "duplicate order"})
+    assert state.admit(spec, 300) in (b"cancel_requested", "cancel_requested")
+    assert state.start(spec, 300, "w1", 5000).outcome == "cancel_requested"
+    assert state.cancel("p", "s1", stored=True) == ["cancelled"]
+    assert state.read("p", "s1")["cancel_reason"] == "duplicate order"
+    assert state.start(spec, 300, "w1", 5000).outcome == "finished"
+
+
+def test_cancelling_task_of_dead_worker_ends_cancelled(client):
+    state = make_state(client)
+    spec = push(client, "p", id="d1", type="start", instance="vm-1", user="u")
+    client.hset(KEYS.instances("p"), "vm-1", "stopped")
+    state.start(spec, 300, "w1", 100)
+    state.cancel("p", "d1")
+    wait_for(lambda: client.exists(KEYS.lease("p", "d1")) == 0, 5, "the lease to expire")
+
+    assert state.start(spec, 300, "w2", 5000).outcome == "finished"
+    assert state.read("p", "d1")["status"] == "cancelled"
+    assert client.hget(KEYS.instances("p"), "vm-1") == b"stopped"
+    assert client.xlen(KEYS.tasks("p")) == 0

@@ -23,11 +23,12 @@ from shared.redaction import Redactor
 from shared.redis_client import connect, ensure_group
 from shared.schema import INSTANCE_ID_PATTERN, TaskSpec, parse_entry
 from shared.settings import Config
-from shared.states import TaskStatus, instance_rule_after, instance_rule_while_running
+from shared.states import TaskStatus
 from shared.taskstate import TaskState
 from worker.drivers import load_driver
 from worker.drivers.base import TaskContext
 from worker.executor import Outcome, run_task
+from worker.watchers import CancelWatcher, CurrentTask, renew_leases
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,13 @@ class Worker:
         self.redactor = Redactor(config.secret_fields)
         self.stopping = False
         self.abort_current = False
-        self.current: TaskSpec | None = None
+        self.current = CurrentTask()
         self.parent_pid = os.getppid()
         self.tasks_done = 0
+
+    def make_state(self, client: redis.Redis) -> TaskState:
+        redis_settings = self.config.redis
+        return TaskState(client, self.keys, redis_settings.events_max_len, redis_settings.dead_max_len, self.redactor)
 
     # -- process set-up ---------------------------------------------------------
 
@@ -90,10 +95,14 @@ class Worker:
         except (DriverError, redis.RedisError) as exc:
             log.error("worker failed to start provider=%s pid=%d error=%s", self.provider, os.getpid(), exc)
             return EXIT_BOOT_FAILURE
-        self.state = TaskState(
-            self.client, self.keys, self.config.redis.events_max_len, self.config.redis.dead_max_len, self.redactor
-        )
-        threading.Thread(target=self._renew_leases, name="lease-heartbeat", daemon=True).start()
+        self.state = self.make_state(self.client)
+        threading.Thread(
+            target=renew_leases,
+            args=(self.make_state(connect(self.config.redis.url)), self.current, self.owner, self.consumer, self.lease_ms),
+            name="lease-heartbeat",
+            daemon=True,
+        ).start()
+        CancelWatcher(self.config.redis.url, self.keys, self.make_state, self.current).start()
         log.info("worker started provider=%s consumer=%s pid=%d", self.provider, self.consumer, os.getpid())
 
         code = self.loop()
@@ -120,14 +129,15 @@ class Worker:
                         next_own_check = 0.0
                 if time.monotonic() >= next_own_check:
                     next_own_check = time.monotonic() + OWN_ENTRIES_INTERVAL
-                    for entry_id, fields in self.read(own=True):
-                        if self.stopping:
-                            break
-                        if self.process(entry_id, fields) == EXIT_DRIVER_STUCK:
-                            return EXIT_DRIVER_STUCK
-                for entry_id, fields in self.read(own=False):
-                    if self.process(entry_id, fields) == EXIT_DRIVER_STUCK:
-                        return EXIT_DRIVER_STUCK
+                    for entry_id, fields in self.read_own_entries():
+                        if self.stopping or self.run_entry(entry_id, fields) == EXIT_DRIVER_STUCK:
+                            return EXIT_OK if self.stopping else EXIT_DRIVER_STUCK
+                taken = self.state.take(self.provider, self.consumer)
+                if isinstance(taken, str):
+                    # Nothing new: wait until an entry newer than the newest one arrives.
+                    self.client.xread({self.stream: taken}, count=1, block=READ_BLOCK_MS)
+                elif self.run_entry(*taken) == EXIT_DRIVER_STUCK:
+                    return EXIT_DRIVER_STUCK
                 backoff = 0.5
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -140,60 +150,66 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
         return EXIT_OK
 
-    def read(self, own: bool) -> list[tuple[str, dict | None]]:
-        """Read entries: those already delivered to this consumer, or one new one."""
-        if own:
-            reply = self.client.xreadgroup(WORKER_GROUP, self.consumer, {self.stream: "0"}, count=20)
-        else:
-            reply = self.client.xreadgroup(WORKER_GROUP, self.consumer, {self.stream: ">"}, count=1, block=READ_BLOCK_MS)
+    def read_own_entries(self) -> list[tuple[str, dict | None]]:
+        """Return the entries already delivered to this consumer and not yet finished."""
+        reply = self.client.xreadgroup(WORKER_GROUP, self.consumer, {self.stream: "0"}, count=20)
         entries = []
         for _stream, items in reply or []:
             for entry_id, fields in items:
                 entries.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields))
         return entries
 
+    def run_entry(self, entry_id: str, fields: dict | None) -> int:
+        """Process one entry, then the tasks of the same instance handed over after it."""
+        next_entry: tuple[str, dict | None] | None = (entry_id, fields)
+        while next_entry is not None:
+            code, next_entry = self.process(*next_entry)
+            if code != EXIT_OK:
+                return code
+        return EXIT_OK
+
     # -- one entry --------------------------------------------------------------
 
-    def process(self, entry_id: str, fields: dict | None) -> int:
+    def process(self, entry_id: str, fields: dict | None) -> tuple[int, tuple[str, dict] | None]:
+        """Validate, start and run one entry; returns the exit code and a handed-over entry."""
         if not fields:
             # Deleted after delivery (a finished task); only the acknowledgement is left to do.
             self.client.xack(self.stream, WORKER_GROUP, entry_id)
-            return EXIT_OK
+            return EXIT_OK, None
         try:
             spec = parse_entry(self.provider, entry_id, fields)
         except InvalidEntry as exc:
             self.state.dead_letter(self.provider, entry_id, fields, str(exc))
-            return EXIT_OK
+            return EXIT_OK, None
         first_owner = self.state.claim_id(spec)
         if first_owner is not None:
             reason = f"duplicate task id '{spec.id}': already used by entry {first_owner}"
             self.state.dead_letter(self.provider, entry_id, fields, reason)
-            return EXIT_OK
+            return EXIT_OK, None
 
         timeout = spec.timeout or self.settings.timeout_for(spec.type)
-        started = self.state.start(spec, timeout, self.owner, self.lease_ms, instance_rule_while_running(spec.type))
-        if started.outcome == "finished":
-            self.client.xack(self.stream, WORKER_GROUP, entry_id)
-            self.client.xdel(self.stream, entry_id)
-            return EXIT_OK
+        started = self.state.start(spec, timeout, self.owner, self.lease_ms)
+        if started.outcome == "cancel_requested":
+            self.state.cancel(self.provider, spec.id, stored=True)
+            started = self.state.start(spec, timeout, self.owner, self.lease_ms)
         if started.outcome == "duplicate":
             reason = f"duplicate task id '{spec.id}': already used by entry {started.detail}"
             self.state.dead_letter(self.provider, entry_id, fields, reason)
-            return EXIT_OK
+            return EXIT_OK, None
         if started.outcome != "ok":
-            # "busy" or "cancelling": another worker holds it; look again on the next pass.
-            log.debug("task held elsewhere task_id=%s provider=%s outcome=%s", spec.id, self.provider, started.outcome)
-            return EXIT_OK
-
+            # "busy", "wait" or "finished": another worker holds it, an earlier task of the
+            # same instance runs first, or it has ended. The first two stay delivered to
+            # this consumer and are looked at again on a later pass.
+            log.debug("task not started task_id=%s provider=%s outcome=%s detail=%s", spec.id, self.provider, started.outcome, started.detail)
+            return EXIT_OK, None
         return self.execute(spec, timeout, started.attempts)
 
-    def execute(self, spec: TaskSpec, timeout: float, attempt: int) -> int:
+    def execute(self, spec: TaskSpec, timeout: float, attempt: int) -> tuple[int, tuple[str, dict] | None]:
         log.info(
             "task started task_id=%s provider=%s type=%s instance=%s attempt=%d pid=%d",
             spec.id, self.provider, spec.type, spec.instance or "-", attempt, os.getpid(),
         )  # fmt: skip
         begun = time.monotonic()
-        self.current = spec
         context = TaskContext(
             task_id=spec.id,
             provider=self.provider,
@@ -205,19 +221,25 @@ class Worker:
             kill_grace=self.settings.driver.kill_grace,
             report_progress=self._progress_reporter(spec),
         )
+        self.current.set(spec, context)
         outcome = run_task(self.driver, spec, context, self.redactor, lambda: self.abort_current)
-        self.record(spec, outcome)
-        self.current = None
+        handed_over = self.record(spec, outcome)
+        self.current.set(None, None)
         self.tasks_done += 1
-        log.info(
+        level = logging.INFO if outcome.status in (TaskStatus.COMPLETED, TaskStatus.CANCELLED) else logging.WARNING
+        log.log(
+            level,
             "task ended task_id=%s provider=%s type=%s status=%s seconds=%.3f pid=%d%s",
             spec.id, self.provider, spec.type, outcome.status, time.monotonic() - begun, os.getpid(),
             f" error={outcome.error!r}" if outcome.error else "",
         )  # fmt: skip
-        return EXIT_DRIVER_STUCK if outcome.driver_stuck else EXIT_OK
+        return (EXIT_DRIVER_STUCK if outcome.driver_stuck else EXIT_OK), handed_over
 
-    def record(self, spec: TaskSpec, outcome: Outcome) -> None:
-        """Write the outcome, retrying while Redis is unreachable; the task must not be lost."""
+    def record(self, spec: TaskSpec, outcome: Outcome) -> tuple[str, dict] | None:
+        """Write the outcome, retrying while Redis is unreachable; the task must not be lost.
+
+        Returns the next entry of the same instance when it was handed to this worker.
+        """
         fields = {"error": outcome.error, "message": outcome.message, "result": outcome.result}
         if outcome.status == TaskStatus.COMPLETED:
             fields["progress"] = "100"
@@ -225,12 +247,11 @@ class Worker:
             instance = _instance_from_result(outcome.result)
             if instance:
                 fields["instance"] = instance
-        rule = instance_rule_after(spec.type, outcome.status)
+        handoff = "" if self.stopping or outcome.driver_stuck else self.consumer
         delay = 0.5
         while True:
             try:
-                self.state.finish(spec, self.owner, outcome.status, rule, fields)
-                return
+                return self.state.finish(spec, self.owner, outcome.status, fields, handoff).handed_over
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable while recording task_id=%s provider=%s retry_in=%.1fs error=%s", spec.id, self.provider, delay, exc)
                 time.sleep(delay)
@@ -252,19 +273,6 @@ class Worker:
                 log.warning("progress not recorded task_id=%s provider=%s error=%s", spec.id, self.provider, exc)
 
         return report
-
-    def _renew_leases(self) -> None:
-        interval = self.config.supervisor.lease_seconds / 3
-        while True:
-            time.sleep(interval)
-            spec = self.current
-            if spec is None:
-                continue
-            try:
-                if not self.state.renew_lease(spec, self.owner, self.consumer, self.lease_ms):
-                    log.warning("lease lost task_id=%s provider=%s pid=%d", spec.id, self.provider, os.getpid())
-            except redis.RedisError as exc:
-                log.warning("lease renewal failed task_id=%s provider=%s error=%s", spec.id, self.provider, exc)
 
 
 def _instance_from_result(result_text: str) -> str:

@@ -1,9 +1,13 @@
 -- Register a task as pending, unless it exists already.
 -- KEYS: task hash, event stream.  ARGV: events maxlen, then field/value pairs.
--- Returns the task's current status.
+-- Returns the task's current status, or 'cancel_requested' when a producer stored a
+-- cancel request that must be applied.
 local status = redis.call('HGET', KEYS[1], 'status')
-if status then
-  return status
+if not status then
+  create_pending(KEYS[1], KEYS[2], ARGV[1], 2)
+  status = 'pending'
 end
-create_pending(KEYS[1], KEYS[2], ARGV[1], 2)
-return 'pending'
+if not TERMINAL[status] and redis.call('HEXISTS', KEYS[1], 'cancel_user') == 1 then
+  return 'cancel_requested'
+end
+return status

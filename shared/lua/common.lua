@@ -31,6 +31,34 @@ local function create_pending(task_key, events_key, maxlen, first)
   emit(task_key, events_key, maxlen, nil, false)
 end
 
+-- Turn a stream entry id into a member of an instance queue. Both parts are padded
+-- with zeros, so the members of a sorted set with equal scores sort in stream order.
+local function queue_member(entry_id)
+  local millis, sequence = string.match(entry_id, '^(%d+)-(%d+)$')
+  return string.rep('0', 15 - #millis) .. millis .. '-' .. string.rep('0', 10 - #sequence) .. sequence
+end
+
+local function entry_from_member(member)
+  local millis, sequence = string.match(member, '^0*(%d+)-0*(%d+)$')
+  return millis .. '-' .. sequence
+end
+
+-- Return the first entry of an instance queue that still waits in the task stream,
+-- dropping members whose entry is gone (a task that ended without reaching the queue's end).
+local function queue_head(queue_key, stream_key)
+  while true do
+    local head = redis.call('ZRANGE', queue_key, 0, 0)[1]
+    if not head then
+      return nil
+    end
+    local entry = entry_from_member(head)
+    if #redis.call('XRANGE', stream_key, entry, entry) > 0 then
+      return entry
+    end
+    redis.call('ZREM', queue_key, head)
+  end
+end
+
 local function instance_status(instances_key, instance)
   if instance == nil or instance == '' then
     return nil

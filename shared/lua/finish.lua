@@ -1,11 +1,17 @@
 -- Move a task out of running for the worker that owns it.
--- KEYS: task hash, event stream, instance hash, lease key, task stream.
+-- KEYS: task hash, event stream, instance hash, lease key, task stream, instance queue,
+--       busy hash.
 -- ARGV: events maxlen, owner, new status, instance rule (a status, 'restore' or 'keep'),
---       consumer group, stream entry id, then field/value pairs to set.
--- A terminal status acknowledges and deletes the stream entry in the same step.
--- Returns {'ok'}, {'missing'}, {'fenced', status} or {'illegal', status}.
-local task_key, events_key, instances_key, lease_key, stream_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local maxlen, owner, new_status, rule, group, entry = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+--       instance rule after a cancel, consumer group, stream entry id, consumer to hand
+--       the next task of the instance to ('' for none), then field/value pairs to set.
+-- A terminal status acknowledges and deletes the stream entry in the same step. A task
+-- put back to pending while a cancel is under way ends cancelled instead.
+-- Returns {'ok'}, {'ok', next entry id, next entry fields} when the instance's next
+-- task was handed to the consumer, {'missing'}, {'fenced', status} or {'illegal', status}.
+local task_key, events_key, instances_key, lease_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local stream_key, queue_key, busy_key = KEYS[5], KEYS[6], KEYS[7]
+local maxlen, owner, new_status, rule = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local cancel_rule, group, entry, handoff_consumer = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 
 local status = redis.call('HGET', task_key, 'status')
 if not status then
@@ -14,12 +20,16 @@ end
 if redis.call('HGET', task_key, 'owner') ~= owner then
   return {'fenced', status}
 end
+if new_status == 'pending' and (status == 'cancelling' or redis.call('HEXISTS', task_key, 'cancel_user') == 1) then
+  new_status = 'cancelled'
+  rule = cancel_rule
+end
 if not ALLOWED[status][new_status] then
   return {'illegal', status}
 end
 
 local t = now()
-for i = 7, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   redis.call('HSET', task_key, ARGV[i], ARGV[i + 1])
 end
 redis.call('HSET', task_key, 'status', new_status, 'updated_at', t)
@@ -48,9 +58,21 @@ end
 if redis.call('GET', lease_key) == owner then
   redis.call('DEL', lease_key)
 end
+redis.call('HDEL', busy_key, owner)
+local reply = {'ok'}
 if TERMINAL[new_status] then
   redis.call('XACK', stream_key, group, entry)
   redis.call('XDEL', stream_key, entry)
+  redis.call('ZREM', queue_key, queue_member(entry))
+  if handoff_consumer ~= '' then
+    local head = queue_head(queue_key, stream_key)
+    if head then
+      local claimed = redis.call('XCLAIM', stream_key, group, handoff_consumer, 0, head)
+      if claimed[1] then
+        reply = {'ok', claimed[1][1], claimed[1][2]}
+      end
+    end
+  end
 end
 emit(task_key, events_key, maxlen, instance_status(instances_key, instance), changed)
-return {'ok'}
+return reply

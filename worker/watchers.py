@@ -1,0 +1,108 @@
+"""Background threads of a worker: the lease heartbeat and the cancel watcher.
+
+Both look at the task the worker is running right now, through `CurrentTask`, and
+each uses its own Redis connection so a blocked read never delays the other.
+"""
+
+import logging
+import os
+import threading
+import time
+
+import redis
+
+from shared.keys import Keys
+from shared.redis_client import connect
+from shared.schema import TaskSpec
+from shared.taskstate import TaskState
+from worker.drivers.base import TaskContext
+
+log = logging.getLogger(__name__)
+
+# Seconds between two looks at the current task's cancel state when no notice arrives.
+CANCEL_POLL_SECONDS = 1.0
+
+
+class CurrentTask:
+    """The task a worker runs, shared with its threads. Both fields are None between tasks."""
+
+    def __init__(self) -> None:
+        self.spec: TaskSpec | None = None
+        self.context: TaskContext | None = None
+
+    def set(self, spec: TaskSpec | None, context: TaskContext | None) -> None:
+        self.spec, self.context = spec, context
+
+
+def renew_leases(state: TaskState, current: CurrentTask, owner: str, consumer: str, lease_ms: int) -> None:
+    """Renew the current task's lease every third of its lifetime, forever (a daemon thread)."""
+    interval = lease_ms / 3000
+    while True:
+        time.sleep(interval)
+        spec = current.spec
+        if spec is None:
+            continue
+        try:
+            if not state.renew_lease(spec, owner, consumer, lease_ms):
+                log.warning("lease lost task_id=%s provider=%s pid=%d", spec.id, spec.provider, os.getpid())
+        except redis.RedisError as exc:
+            log.warning("lease renewal failed task_id=%s provider=%s error=%s", spec.id, spec.provider, exc)
+
+
+class CancelWatcher:
+    """Stops the current task's driver when a cancel request for it arrives.
+
+    It listens on the cancel channel for an immediate notice and also looks at the task
+    hash every second, so a notice published while nobody listened is not missed. A
+    request that a producer stored in the hash is applied here through the cancel script.
+    """
+
+    def __init__(self, redis_url: str, keys: Keys, state_factory, current: CurrentTask) -> None:
+        self.redis_url = redis_url
+        self.keys = keys
+        self.state_factory = state_factory
+        self.current = current
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, name="cancel-watcher", daemon=True).start()
+
+    def run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                client = connect(self.redis_url)
+                state = self.state_factory(client)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.keys.cancel_channel())
+                backoff = 0.5
+                while True:
+                    message = pubsub.get_message(timeout=CANCEL_POLL_SECONDS)
+                    spec = self.current.spec
+                    if spec is None:
+                        continue
+                    if message is not None and not self._is_about(message, spec):
+                        continue
+                    self.check(state, spec)
+            except redis.RedisError as exc:
+                log.warning("cancel watcher lost redis retry_in=%.1fs pid=%d error=%s", backoff, os.getpid(), exc)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    @staticmethod
+    def _is_about(message: dict, spec: TaskSpec) -> bool:
+        data = message.get("data")
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        return text.strip() == f"{spec.provider} {spec.id}"
+
+    def check(self, state: TaskState, spec: TaskSpec) -> None:
+        status, requested = state.client.hmget(self.keys.task(spec.provider, spec.id), "status", "cancel_user")
+        if requested is not None:
+            reply = state.cancel(spec.provider, spec.id, stored=True)
+            log.info("stored cancel request applied task_id=%s provider=%s reply=%s", spec.id, spec.provider, reply[0])
+            if reply[0] == "cancelling":
+                status = b"cancelling"
+        context = self.current.context
+        if status == b"cancelling" and context is not None and self.current.spec is spec:
+            if not context.cancelled.is_set():
+                log.info("cancel received; stopping task task_id=%s provider=%s pid=%d", spec.id, spec.provider, os.getpid())
+            context.stop("cancel")
