@@ -112,7 +112,7 @@ class Intake:
                 admitted.append((provider, spec.id))
         if not admitted:
             return
-        for (provider, task_id), status in zip(admitted, pipe.execute()):
+        for (provider, task_id), status in zip(admitted, pipe.execute(), strict=True):
             if status in (b"cancel_requested", "cancel_requested"):
                 reply = self.state.cancel(provider, task_id, stored=True)
                 log.info("stored cancel request applied task_id=%s provider=%s reply=%s", task_id, provider, reply[0])

@@ -43,7 +43,9 @@ def renew_leases(state: TaskState, current: CurrentTask, owner: str, consumer: s
         if spec is None:
             continue
         try:
-            if not state.renew_lease(spec, owner, consumer, lease_ms):
+            renewed = state.renew_lease(spec, owner, consumer, lease_ms)
+            # A task that ended between the two reads of `current` gave up its lease on purpose.
+            if not renewed and current.spec is spec:
                 log.warning("lease lost task_id=%s provider=%s pid=%d", spec.id, spec.provider, os.getpid())
         except redis.RedisError as exc:
             log.warning("lease renewal failed task_id=%s provider=%s error=%s", spec.id, spec.provider, exc)

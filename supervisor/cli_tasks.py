@@ -1,0 +1,196 @@
+"""Task commands of the `taskvisor` command line: submit, get, list, cancel."""
+
+import time
+
+import click
+import orjson
+import redis
+
+from shared.errors import InvalidEntry
+from shared.keys import Keys
+from shared.redaction import redact_url
+from shared.schema import parse_entry
+from shared.settings import Config
+from shared.states import TERMINAL_STATUSES, TaskStatus, TaskType
+from supervisor.cli_common import (
+    connection_options,
+    display_time,
+    fail,
+    open_redis,
+    store_call,
+    task_state,
+    typed_hash_fields,
+)
+
+LIST_LIMIT_MAX = 500
+
+# `taskvisor get` shows these fields, in this order, whether the task comes from Redis or SQL.
+GET_FIELDS = (
+    "id", "provider", "type", "instance", "user", "status", "progress", "message", "error", "data", "result",
+    "timeout", "attempts", "owner", "cancelled_by", "cancel_reason", "cancel_error",
+    "created_at", "started_at", "completed_at", "updated_at", "source",
+)  # fmt: skip
+SQL_TO_HASH_FIELDS = {
+    "provider_id": "provider", "task_type": "type", "instance_id": "instance", "user_id": "user",
+    "status_message": "message", "error_message": "error", "task_data": "data", "timeout_seconds": "timeout",
+}  # fmt: skip
+
+
+@click.command()
+@connection_options()
+@click.option("--provider", required=True, help="Provider id, as in the config.")
+@click.option("--type", "task_type", required=True, type=click.Choice([t.value for t in TaskType]), help="Task type.")
+@click.option("--instance", default="", help="Instance id (required except for create).")
+@click.option("--user", required=True, help="Id of the user the task belongs to.")
+@click.option("--data", default="", help="Task data as a JSON object.")
+@click.option("--timeout", default="", help="Timeout in seconds; overrides the provider's default for the type.")
+@click.option("--id", "task_id", default="", help="Task id (1-64 of A-Za-z0-9._:-); derived from the stream entry when omitted.")
+def submit(config: Config, provider, task_type, instance, user, data, timeout, task_id) -> None:
+    """Push one task into a provider's stream and print its id."""
+    if config.providers and provider not in config.providers:
+        known = ", ".join(sorted(config.providers))
+        fail(f"unknown provider '{provider}': the config defines {known}")
+    fields = {"type": task_type, "user": user}
+    for name, value in (("id", task_id), ("instance", instance), ("data", data), ("timeout", timeout)):
+        if value:
+            fields[name] = value
+    try:
+        parse_entry(provider, "0-1", fields)
+    except InvalidEntry as exc:
+        fail(f"task not submitted: {exc}")
+
+    client = open_redis(config)
+    keys = Keys(config.redis.prefix)
+    try:
+        if task_id and client.hexists(keys.task_index(), task_id):
+            fail(f"task not submitted: task id '{task_id}' is already used; choose another --id or omit it")
+        entry_id = client.xadd(keys.tasks(provider), fields).decode()
+    except redis.RedisError as exc:
+        fail(f"task not submitted: Redis at {redact_url(config.redis.url)} failed: {exc}")
+    spec = parse_entry(provider, entry_id, fields)
+    click.echo(spec.id)
+
+
+@click.command()
+@connection_options()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def get(config: Config, task_id: str, as_json: bool) -> None:
+    """Show one task: its live state from Redis, else its row from SQL."""
+    task: dict | None = None
+    try:
+        state = task_state(config)
+        provider = state.locate(task_id)
+        if provider:
+            task = state.read(provider, task_id) or None
+    except redis.RedisError as exc:
+        click.echo(f"warning: Redis unavailable ({exc}); showing the SQL row", err=True)
+    if task is None:
+        row = store_call(config, lambda store: store.get_task(task_id))
+        if row is not None:
+            task = {SQL_TO_HASH_FIELDS.get(name, name): value for name, value in row.items()}
+            task["source"] = "database"
+    else:
+        task = typed_hash_fields(task)
+        task["source"] = "redis"
+    if task is None:
+        fail(f"task '{task_id}' not found in Redis or in the database")
+    shown = {name: display_time(name, task.get(name)) for name in GET_FIELDS if name in task}
+    if as_json:
+        click.echo(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
+        return
+    for name, value in shown.items():
+        click.echo(f"{name:14} {'' if value is None else value}")
+
+
+@click.command(name="list")
+@connection_options()
+@click.option("--status", type=click.Choice([status.value for status in TaskStatus]), help="Only tasks in this status.")
+@click.option("--provider", help="Only tasks of this provider.")
+@click.option("--user", help="Only tasks of this user.")
+@click.option("--instance", help="Only tasks of this instance.")
+@click.option("--type", "task_type", type=click.Choice([task_type.value for task_type in TaskType]), help="Only tasks of this type.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, LIST_LIMIT_MAX), help="Rows per page.")
+@click.option("--before", help="Cursor printed at the end of the previous page.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+def list_tasks(config: Config, status, provider, user, instance, task_type, limit, before, as_json) -> None:
+    """List tasks from the SQL table, newest first."""
+    if provider and config.providers and provider not in config.providers:
+        fail(f"unknown provider '{provider}': the config defines {', '.join(sorted(config.providers))}")
+    rows = store_call(
+        config,
+        lambda store: store.list_tasks(status=status, provider=provider, user=user, instance=instance,
+                                       task_type=task_type, limit=limit, before=before),
+    )
+    if as_json:
+        for row in rows:
+            click.echo(orjson.dumps(row).decode())
+    else:
+        _print_task_table(rows)
+    if len(rows) == limit:
+        cursor = store_call(config, lambda store: store.cursor_for(rows[-1]))
+        click.echo(f"more rows: taskvisor list --before {cursor} (with the same filters)", err=True)
+
+
+def _print_task_table(rows: list[dict]) -> None:
+    header = f"{'ID':40} {'PROVIDER':12} {'TYPE':14} {'INSTANCE':16} {'STATUS':10} {'PROG':>4} {'CREATED (UTC)':19}  ERROR"
+    click.echo(header)
+    for row in rows:
+        click.echo(
+            f"{row['id']:40} {row['provider_id']:12} {row['task_type']:14} {(row['instance_id'] or '-'):16} "
+            f"{row['status']:10} {row['progress']:>4.0f} {display_time('created_at', row['created_at'])[:19]:19}  "
+            f"{' '.join((row['error_message'] or '').split())[:60]}"
+        )
+
+
+
+
+@click.command()
+@connection_options(uses_database=False)
+@click.argument("task_id")
+@click.option("--user", default="", help="Cancel as this user: only the user's own tasks. Without it, as an administrator.")
+@click.option("--reason", default="", help="Why the task is cancelled; stored on the task.")
+@click.option("--wait", "wait_seconds", default=10.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="Seconds to wait for a running task to end; 0 returns at once.")
+def cancel(config: Config, task_id: str, user: str, reason: str, wait_seconds: float) -> None:
+    """Cancel a task: a pending one never starts, a running one is stopped."""
+    state = task_state(config)
+    try:
+        provider = state.locate(task_id)
+        if provider is None:
+            fail(f"task '{task_id}' not found in Redis: check the id (taskvisor list shows recent ones)")
+        reply = state.cancel(provider, task_id, user=user, reason=reason)
+        if reply[0] in ("cancelling", "queued"):
+            state.client.publish(state.keys.cancel_channel(), f"{provider} {task_id}")
+    except redis.RedisError as exc:
+        fail(f"cancel failed: Redis at {redact_url(config.redis.url)}: {exc}")
+
+    outcome = reply[0]
+    if outcome == "finished":
+        fail(f"task '{task_id}' already ended as {reply[1]}; nothing was changed")
+    if outcome == "forbidden":
+        fail(f"user '{user}' may not cancel task '{task_id}': it belongs to user '{reply[1]}'; nothing was changed")
+    if outcome == "cancelled":
+        click.echo(f"{task_id} cancelled before it started")
+        return
+    if outcome == "queued":
+        click.echo(f"{task_id} is not registered yet; the cancel request is stored and applies when it is")
+        return
+
+    click.echo(f"{task_id} is being cancelled; its worker is stopping it", err=True)
+    status = _wait_for_end(state, provider, task_id, wait_seconds)
+    if status is None:
+        click.echo(f"{task_id} is still cancelling after {wait_seconds:g} s; see taskvisor get {task_id}")
+    else:
+        click.echo(f"{task_id} {status}")
+
+
+def _wait_for_end(state, provider: str, task_id: str, seconds: float) -> str | None:
+    deadline = time.monotonic() + seconds
+    while True:
+        status = state.read(provider, task_id).get("status", "")
+        if status in TERMINAL_STATUSES:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
