@@ -30,6 +30,10 @@ class Keys:
         """Hash with the current state of one task."""
         return f"{self.prefix}:{{{provider}}}:task:{task_id}"
 
+    def history(self, provider: str, task_id: str) -> str:
+        """List of the task's state changes and progress reports as JSON, the last 100."""
+        return f"{self.task(provider, task_id)}:history"
+
     def events(self, provider: str) -> str:
         """Stream of state changes, one entry per change, in order."""
         return f"{self.prefix}:{{{provider}}}:events"

@@ -7,9 +7,16 @@ import redis
 log = logging.getLogger(__name__)
 
 
+# Seconds a reply may take. Every blocking read taskvisor makes waits at most a few
+# seconds, so a longer silence means the server or the network is stuck.
+SOCKET_TIMEOUT_SECONDS = 30
+
+
 def connect(url: str) -> redis.Redis:
     """Return a client for `url`. Replies stay bytes; callers decode what they read."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=5, socket_timeout=SOCKET_TIMEOUT_SECONDS, health_check_interval=30
+    )
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> None:

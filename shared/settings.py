@@ -14,16 +14,35 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+import redis
 import yaml
 
 from shared.errors import ConfigError
 from shared.keys import PROVIDER_ID_PATTERN
+from shared.redaction import redact_url
 from shared.states import DEFAULT_TIMEOUTS, TaskType
+from shared.store import ACCEPTED_FORMS as DATABASE_URL_FORMS
 
 PLACEHOLDERS = ("id", "instance", "user", "provider", "type")
 PLACEHOLDER_PATTERN = re.compile(r"\{([^{}]*)\}")
 
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)]
+
+TASK_TYPE_NAMES = ", ".join(TaskType)
+
+# The schemes that redis-py 8.2's Redis.from_url accepts.
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+REDIS_URL_RULE = "expected a URL that starts with redis://, rediss:// or unix://, such as redis://127.0.0.1:6379/0"
+# The URL starts that shared.store.open_store accepts. Like open_store, the check ignores the case of the scheme.
+DATABASE_URL_PREFIXES = ("sqlite:///", "mysql://", "mariadb://")
+
+# Plain-English names for the type names in msgspec's messages, as expected and as received.
+EXPECTED_TYPE_WORDS = {
+    "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+    "null": "null", "object": "a mapping", "array": "a list",
+}  # fmt: skip
+RECEIVED_TYPE_WORDS = {**EXPECTED_TYPE_WORDS, "float": "a decimal number", "bool": "a boolean"}
+BOUND_WORDS = {">=": "of at least", "<=": "of at most", ">": "greater than", "<": "less than"}
 
 
 class DriverConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
@@ -52,9 +71,13 @@ class ProviderConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True,
     enable_task_polling: bool = True
     # per-type timeout overrides in seconds
     timeouts: dict[TaskType, PositiveSeconds] = {}
+    # true: no worker takes tasks; they wait in the stream (set by `taskvisor provider pause`)
+    paused: bool = False
 
     @property
     def group_size(self) -> int:
+        if self.paused:
+            return 0
         return self.max_concurrent_tasks if self.allow_concurrent_tasks else 1
 
     def timeout_for(self, task_type: TaskType) -> float:
@@ -97,41 +120,111 @@ class Config(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=
     base_dir: str = "."
 
 
-def _describe_value(raw: Any, path: list[str]) -> str:
+def _split_path(text: str) -> list[str | int]:
+    """Split a msgspec path such as `.driver.commands[0]` into keys and list indexes.
+
+    msgspec writes `[...]` for a value inside a dict without naming its key. That part
+    is kept as the string "[...]".
+    """
+    parts: list[str | int] = []
+    for key, index in re.findall(r"\.([^.\[\]]+)|\[(\d+|\.\.\.)\]", text):
+        if key:
+            parts.append(key)
+        elif index == "...":
+            parts.append("[...]")
+        else:
+            parts.append(int(index))
+    return parts
+
+
+def _join_location(prefix: str, parts: list[str | int]) -> str:
+    location = prefix
+    for part in parts:
+        if isinstance(part, int):
+            location += f"[{part}]"
+        elif part == "[...]":
+            location += part
+        else:
+            location = f"{location}.{part}" if location else part
+    return location
+
+
+def _where(preposition: str, location: str) -> str:
+    return f"{preposition} {location}" if location else "at the top level"
+
+
+def _describe_value(raw: Any, path: list[str | int]) -> str:
     value = raw
     for part in path:
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        else:
+        in_list = isinstance(part, int) and isinstance(value, list) and part < len(value)
+        in_dict = isinstance(part, str) and isinstance(value, dict) and part in value
+        if not (in_list or in_dict):
             return ""
+        value = value[part]
     text = repr(value)
     return f" (value {text[:80]})"
 
 
-def _raise_validation(error: msgspec.ValidationError, raw: Any, prefix: str, source: str, struct: type) -> None:
+def _format_bound(number: str) -> str:
+    return number.removesuffix(".0")
+
+
+def _plain_message(message: str) -> str:
+    """Rephrase a msgspec message such as "Expected `int`, got `str`" in plain English.
+
+    Forms that are not listed here are returned unchanged.
+    """
+    missing = re.fullmatch(r"Object missing required field `([^`]*)`", message)
+    if missing:
+        return f"missing required key '{missing.group(1)}'"
+    expected = re.fullmatch(r"Expected `([^`]*)`(.*)", message)
+    if not expected:
+        return message
+    words = [EXPECTED_TYPE_WORDS.get(name) for name in expected.group(1).split(" | ")]
+    if None in words:
+        return message
+    wanted = " or ".join(words)
+
+    rest = expected.group(2)
+    received = re.fullmatch(r", got `([^`]*)`", rest)
+    if received and received.group(1) in RECEIVED_TYPE_WORDS:
+        return f"expected {wanted}, got {RECEIVED_TYPE_WORDS[received.group(1)]}"
+    bound = re.fullmatch(r" (>=|<=|>|<) (\S+)", rest)
+    if bound:
+        return f"expected {wanted} {BOUND_WORDS[bound.group(1)]} {_format_bound(bound.group(2))}"
+    pattern = re.fullmatch(r" matching regex (.*)", rest)
+    if pattern:
+        return f"expected {wanted} matching the regular expression {pattern.group(1)}"
+    return message
+
+
+def _raise_validation(
+    error: msgspec.ValidationError, raw: Any, prefix: str, source: str, struct: type | None = None
+) -> None:
     message = str(error)
-    path: list[str] = []
+    path: list[str | int] = []
     key_match = re.search(r" - at `key` in `\$([^`]*)`$", message)
     match = key_match or re.search(r" - at `\$([^`]*)`$", message)
     if match:
         message = message[: match.start()]
-        path = [part for part in re.split(r"\.|\[|\]", match.group(1)) if part]
-    location = ".".join(([prefix] if prefix else []) + path) or "(top level)"
+        path = _split_path(match.group(1))
+    location = _join_location(prefix, path)
 
-    hint = ""
     unknown = re.match(r"Object contains unknown field `([^`]*)`", message)
-    if unknown:
+    if unknown and struct is not None:
         fields = msgspec.structs.fields(_struct_at(struct, path))
         allowed = sorted(field.encode_name for field in fields if field.encode_name != "baseDir")
         close = difflib.get_close_matches(unknown.group(1), allowed, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(allowed)}"
-        raise ConfigError(f"{source}: unknown key '{unknown.group(1)}' under {location}{hint}")
+        raise ConfigError(f"{source}: unknown key '{unknown.group(1)}' {_where('under', location)}{hint}")
     if key_match:
-        raise ConfigError(f"{source}: invalid key under {location}: {message}")
-    raise ConfigError(f"{source}: invalid value at {location}{_describe_value(raw, path)}: {message}")
+        raise ConfigError(f"{source}: invalid key {_where('under', location)}: {_plain_message(message)}")
+    raise ConfigError(
+        f"{source}: invalid value {_where('at', location)}{_describe_value(raw, path)}: {_plain_message(message)}"
+    )
 
 
-def _struct_at(struct: type, path: list[str]) -> type:
+def _struct_at(struct: type, path: list[str | int]) -> type:
     current = struct
     for part in path:
         for field in msgspec.structs.fields(current):
@@ -139,6 +232,87 @@ def _struct_at(struct: type, path: list[str]) -> type:
                 current = field.type
                 break
     return current
+
+
+def _check_entry(value: Any, value_type: Any, location: str, source: str) -> None:
+    try:
+        msgspec.convert(value, value_type)
+    except msgspec.ValidationError as error:
+        _raise_validation(error, value, location, source)
+
+
+def _check_mappings(provider: str, raw: dict, source: str) -> None:
+    """Check `timeouts`, `driver.commands` and `driver.env` of a provider entry by entry.
+
+    msgspec reports an invalid dict value without its key, so these mappings are
+    checked before the provider as a whole, and an error names the exact key.
+    """
+    location = f"providers.{provider}"
+    timeouts = raw.get("timeouts")
+    if isinstance(timeouts, dict):
+        for key, value in timeouts.items():
+            if key not in TaskType.__members__.values():
+                close = difflib.get_close_matches(str(key), list(TaskType), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(
+                    f"{source}: unknown task type {key!r} at {location}.timeouts.{key}{_describe_value(value, [])}: "
+                    f"allowed task types are {TASK_TYPE_NAMES}{hint}"
+                )
+            _check_entry(value, PositiveSeconds, f"{location}.timeouts.{key}", source)
+
+    driver = raw.get("driver")
+    if not isinstance(driver, dict):
+        return
+    for name, value_type in (("commands", list[str]), ("env", str)):
+        mapping = driver.get(name)
+        if not isinstance(mapping, dict):
+            continue
+        for key, value in mapping.items():
+            if not isinstance(key, str):
+                received = RECEIVED_TYPE_WORDS.get(_msgspec_type_name(key), type(key).__name__)
+                raise ConfigError(
+                    f"{source}: invalid key {key!r} under {location}.driver.{name}: expected a string, got {received}"
+                )
+            _check_entry(value, value_type, f"{location}.driver.{name}.{key}", source)
+
+
+def _msgspec_type_name(value: Any) -> str:
+    """Return the name that msgspec's messages use for the type of a YAML scalar."""
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def _masked_url(url: str) -> str:
+    """Return `url` with its password as ***, also when the scheme is missing."""
+    if "://" in url:
+        return redact_url(url)
+    # redact_url leaves a URL without a scheme unchanged, so give it a stand-in scheme.
+    return redact_url("x://" + url)[len("x://") :]
+
+
+def _check_redis_url(url: str, subject: str) -> None:
+    """Raise ConfigError unless redis-py can parse `url`.
+
+    `subject` starts the message and names where the URL came from.
+    """
+    scheme, separator, _rest = url.partition("://")
+    if not separator or scheme.lower() not in REDIS_URL_SCHEMES:
+        raise ConfigError(f"{subject} (value {_masked_url(url)!r}): {REDIS_URL_RULE}")
+    try:
+        # This parses the URL and its query arguments without connecting.
+        redis.ConnectionPool.from_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{subject} (value {_masked_url(url)!r}): {exc}") from None
+
+
+def _check_database_url(url: str, subject: str) -> None:
+    """Raise ConfigError unless `url` has a scheme that the SQL store accepts.
+
+    The rest of the URL is checked when the store opens it.
+    """
+    if not url.lower().startswith(DATABASE_URL_PREFIXES):
+        raise ConfigError(f"{subject} (value {_masked_url(url)!r}): expected one of these forms: {DATABASE_URL_FORMS}")
 
 
 def _check_driver(provider: str, driver: DriverConfig, source: str) -> None:
@@ -177,6 +351,8 @@ def _check_driver(provider: str, driver: DriverConfig, source: str) -> None:
 def parse_provider(provider: str, raw: Any, source: str) -> ProviderConfig:
     if not PROVIDER_ID_PATTERN.match(str(provider)):
         raise ConfigError(f"{source}: invalid provider id {provider!r}: expected 1-64 characters of A-Za-z0-9._-")
+    if isinstance(raw, dict):
+        _check_mappings(provider, raw, source)
     try:
         settings = msgspec.convert(raw, ProviderConfig)
     except msgspec.ValidationError as error:
@@ -192,13 +368,15 @@ def parse_config(raw: Any, source: str, base_dir: str) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     if "baseDir" in raw:
-        raise ConfigError(f"{source}: unknown key 'baseDir' under (top level)")
+        raise ConfigError(f"{source}: unknown key 'baseDir' at the top level")
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as error:
         _raise_validation(error, raw, "", source, Config)
     if not isinstance(config.providers, dict):
         raise ConfigError(f"{source}: 'providers' must be a mapping of provider id to settings")
+    _check_redis_url(config.redis.url, f"{source}: invalid value at redis.url")
+    _check_database_url(config.database.url, f"{source}: invalid value at database.url")
 
     providers = {str(name): parse_provider(str(name), value, source) for name, value in config.providers.items()}
     supervisor = config.supervisor
@@ -212,28 +390,53 @@ def default_supervisor_name() -> str:
     return name or "taskvisor"
 
 
+def read_config_document(file: Path) -> dict:
+    """Return the YAML document of a config file as a mapping, raising ConfigError."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {file} not found: check --config or TASKVISOR_CONFIG") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {file} could not be read: {exc}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        _name_yaml_marks(exc, str(file))
+        raise ConfigError(f"config file {file} is not valid YAML: {exc}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{file}: expected a mapping at the top level, got {type(document).__name__}")
+    return document
+
+
 def load_config(path: str | os.PathLike | None) -> Config:
     """Read and validate the YAML file at `path`; None gives the defaults with no providers."""
     if path is None:
         return parse_config({}, "(defaults)", os.getcwd())
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {file} not found: pass --config with the path of an existing file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {file} could not be read: {exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {file} is not valid YAML: {exc}") from None
-    return parse_config(raw, str(file), str(file.resolve().parent))
+    return parse_config(read_config_document(file), str(file), str(file.resolve().parent))
+
+
+def _name_yaml_marks(error: yaml.YAMLError, name: str) -> None:
+    """Put the file name in place of `<unicode string>` in a PyYAML error's positions."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        for mark in (error.context_mark, error.problem_mark):
+            if mark is not None:
+                mark.name = name
+    elif isinstance(error, yaml.reader.ReaderError):
+        error.name = name
 
 
 def apply_overrides(config: Config, redis_url: str | None = None, database_url: str | None = None) -> Config:
-    """Return `config` with the URLs given on the command line or in the environment."""
+    """Return `config` with the URLs given on the command line or in the environment.
+
+    Raises ConfigError if a given URL is one that taskvisor cannot use.
+    """
     if redis_url:
+        _check_redis_url(redis_url, "invalid value of --redis-url or TASKVISOR_REDIS_URL")
         config = msgspec.structs.replace(config, redis=msgspec.structs.replace(config.redis, url=redis_url))
     if database_url:
+        _check_database_url(database_url, "invalid value of --database-url or TASKVISOR_DATABASE_URL")
         config = msgspec.structs.replace(config, database=msgspec.structs.replace(config.database, url=database_url))
     return config

@@ -5,11 +5,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-from shared.errors import TaskvisorError
+from shared.errors import ConfigError, TaskvisorError
 from shared.logs import setup_logging
 from shared.redaction import redact_url
-from shared.settings import Config
+from shared.settings import Config, apply_overrides, load_config
 from supervisor.cli_common import connection_options, fail, store_call
+from supervisor.cli_providers import provider
+from supervisor.cli_stats import stats
 from supervisor.cli_tasks import cancel, get, list_tasks, submit
 
 
@@ -33,17 +35,30 @@ def cli(context: click.Context, log_level: str | None) -> None:
 
 
 @cli.command()
-@connection_options()
-def supervise(config: Config) -> None:
-    """Run the supervisor and its worker groups until SIGTERM or Ctrl-C."""
+@click.option("--config", "config_path", envvar="TASKVISOR_CONFIG", type=click.Path(dir_okay=False),
+              required=True, help="YAML config file [env TASKVISOR_CONFIG].")
+@click.option("--redis-url", envvar="TASKVISOR_REDIS_URL",
+              help="Redis URL; overrides redis.url of the config [env TASKVISOR_REDIS_URL].")
+@click.option("--database-url", envvar="TASKVISOR_DATABASE_URL",
+              help="sqlite:///path or mysql://user:pass@host:port/db; overrides database.url [env TASKVISOR_DATABASE_URL].")
+def supervise(config_path: str, redis_url: str | None, database_url: str | None) -> None:
+    """Run the supervisor and its worker groups until SIGTERM or Ctrl-C.
+
+    Provider settings reload from the file on SIGHUP or when the file changes, and
+    from Redis when `taskvisor provider` (or a panel) changes them.
+    """
     from shared.logs import set_role
+    from supervisor.live_config import ConfigWatcher
     from supervisor.main import Supervisor
 
-    set_role("supervisor")
-    if not config.providers:
-        fail("the config defines no providers: pass --config with a file that has a 'providers' mapping")
     try:
-        code = Supervisor(config).run()
+        config = apply_overrides(load_config(config_path), redis_url, database_url)
+    except ConfigError as exc:
+        fail(str(exc))
+    set_role("supervisor")
+    watcher = ConfigWatcher(config_path, redis_url, database_url)
+    try:
+        code = Supervisor(config, watcher).run()
     except TaskvisorError as exc:
         fail(str(exc))
     sys.exit(code)
@@ -84,6 +99,8 @@ cli.add_command(submit)
 cli.add_command(get)
 cli.add_command(list_tasks)
 cli.add_command(cancel)
+cli.add_command(provider)
+cli.add_command(stats)
 
 
 def main() -> None:

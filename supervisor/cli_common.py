@@ -15,11 +15,12 @@ from shared.store import open_store
 from shared.taskstate import TaskState
 
 
-def connection_options(*, uses_redis: bool = True, uses_database: bool = True):
+def connection_options(*, uses_redis: bool = True, uses_database: bool = True, keep_path: bool = False):
     """Add --config and the URL options a command uses, resolved into one `config` argument.
 
     Without a config file, the command needs the URL options it uses, so that it never
-    talks to a default server by accident.
+    talks to a default server by accident. With `keep_path`, the command also receives
+    `config_path`.
     """
 
     def decorate(command):
@@ -34,6 +35,8 @@ def connection_options(*, uses_redis: bool = True, uses_database: bool = True):
                 config = apply_overrides(load_config(config_path), redis_url, database_url)
             except ConfigError as exc:
                 raise click.ClickException(str(exc)) from None
+            if keep_path:
+                kwargs["config_path"] = config_path
             return command(config=config, **kwargs)
 
         if uses_database:
@@ -96,9 +99,9 @@ def typed_hash_fields(task: dict[str, str]) -> dict:
 
 def display_time(name: str, value):
     """Return a time field (epoch seconds) as ISO 8601 UTC text; other fields unchanged."""
-    if name.endswith("_at") and value == "":
+    if (name.endswith("_at") or name == "at") and value == "":
         return None
-    if name.endswith("_at") and value is not None:
+    if (name.endswith("_at") or name == "at") and value is not None:
         try:
             return datetime.fromtimestamp(float(value), UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         except (TypeError, ValueError):

@@ -1,6 +1,7 @@
 """Task commands of the `taskvisor` command line: submit, get, list, cancel."""
 
 import time
+from datetime import UTC, datetime
 
 import click
 import orjson
@@ -50,6 +51,10 @@ def submit(config: Config, provider, task_type, instance, user, data, timeout, t
     if config.providers and provider not in config.providers:
         known = ", ".join(sorted(config.providers))
         fail(f"unknown provider '{provider}': the config defines {known}")
+    driver = config.providers[provider].driver if provider in config.providers else None
+    if driver is not None and driver.type == "command" and task_type not in driver.commands:
+        fail(f"task not submitted: provider '{provider}' has no command for task type '{task_type}'; "
+             f"add providers.{provider}.driver.commands.{task_type} to the config")
     fields = {"type": task_type, "user": user}
     for name, value in (("id", task_id), ("instance", instance), ("data", data), ("timeout", timeout)):
         if value:
@@ -76,13 +81,19 @@ def submit(config: Config, provider, task_type, instance, user, data, timeout, t
 @click.argument("task_id")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def get(config: Config, task_id: str, as_json: bool) -> None:
-    """Show one task: its live state from Redis, else its row from SQL."""
+    """Show one task: its live state from Redis, else its row from SQL.
+
+    Also shows the progress history kept in Redis and, for a running task, the time
+    left before its timeout.
+    """
     task: dict | None = None
+    history: list[dict] = []
     try:
         state = task_state(config)
         provider = state.locate(task_id)
         if provider:
             task = state.read(provider, task_id) or None
+            history = [orjson.loads(item) for item in state.client.lrange(state.keys.history(provider, task_id), 0, -1)]
     except redis.RedisError as exc:
         click.echo(f"warning: Redis unavailable ({exc}); showing the SQL row", err=True)
     if task is None:
@@ -96,11 +107,32 @@ def get(config: Config, task_id: str, as_json: bool) -> None:
     if task is None:
         fail(f"task '{task_id}' not found in Redis or in the database")
     shown = {name: display_time(name, task.get(name)) for name in GET_FIELDS if name in task}
+    remaining = _remaining_seconds(task)
+    if remaining is not None:
+        shown["remaining_seconds"] = round(remaining, 1)
+    timeline = [{**item, "at": display_time("at", item.get("at"))} for item in history]
     if as_json:
-        click.echo(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
+        click.echo(orjson.dumps({**shown, "history": timeline}, option=orjson.OPT_INDENT_2).decode())
         return
     for name, value in shown.items():
-        click.echo(f"{name:14} {'' if value is None else value}")
+        click.echo(f"{name:17} {'' if value is None else value}")
+    if timeline:
+        click.echo("history")
+        for item in timeline:
+            progress = float(item.get("progress") or 0)
+            click.echo(f"  {item['at']}  {item.get('status', ''):10} {progress:5.1f}%  {item.get('message') or ''}")
+
+
+def _epoch(moment: datetime | None) -> float | None:
+    """Return a naive datetime from the command line, taken as UTC, in epoch seconds."""
+    return None if moment is None else moment.replace(tzinfo=UTC).timestamp()
+
+
+def _remaining_seconds(task: dict) -> float | None:
+    """Return the seconds left before a running task's timeout, or None when it is not running."""
+    if task.get("status") not in ("running", "cancelling") or not task.get("started_at") or not task.get("timeout"):
+        return None
+    return max(0.0, float(task["started_at"]) + float(task["timeout"]) - time.time())
 
 
 @click.command(name="list")
@@ -110,17 +142,21 @@ def get(config: Config, task_id: str, as_json: bool) -> None:
 @click.option("--user", help="Only tasks of this user.")
 @click.option("--instance", help="Only tasks of this instance.")
 @click.option("--type", "task_type", type=click.Choice([task_type.value for task_type in TaskType]), help="Only tasks of this type.")
+@click.option("--created-from", type=click.DateTime(), help="Only tasks created at or after this UTC time (2026-12-01 or 2026-12-01T08:00:00).")
+@click.option("--created-until", type=click.DateTime(), help="Only tasks created before this UTC time.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, LIST_LIMIT_MAX), help="Rows per page.")
 @click.option("--before", help="Cursor printed at the end of the previous page.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
-def list_tasks(config: Config, status, provider, user, instance, task_type, limit, before, as_json) -> None:
+def list_tasks(config: Config, status, provider, user, instance, task_type, created_from, created_until, limit, before,
+               as_json) -> None:
     """List tasks from the SQL table, newest first."""
     if provider and config.providers and provider not in config.providers:
         fail(f"unknown provider '{provider}': the config defines {', '.join(sorted(config.providers))}")
     rows = store_call(
         config,
         lambda store: store.list_tasks(status=status, provider=provider, user=user, instance=instance,
-                                       task_type=task_type, limit=limit, before=before),
+                                       task_type=task_type, limit=limit, before=before,
+                                       created_from=_epoch(created_from), created_until=_epoch(created_until)),
     )
     if as_json:
         for row in rows:

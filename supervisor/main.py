@@ -2,9 +2,9 @@
 
 It forks one group of workers per provider, plus an intake process (makes new tasks
 visible as pending) and a mirror process (copies state changes into SQL). The
-supervisor itself stays single-threaded and never touches a task: its loop waits for
-a signal or a one-second tick, then runs named steps. Signal handlers only record
-the signal; the loop acts on it.
+supervisor itself stays single-threaded and never runs a task: its loop waits for a
+signal or a one-second tick, then runs named steps. Signal handlers only record the
+signal; the loop acts on it.
 """
 
 import logging
@@ -12,108 +12,84 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
 
 import msgspec
-import psutil
 import redis
 
 from shared.errors import TaskvisorError
 from shared.keys import WORKER_GROUP, Keys
-from shared.logs import set_role
-from shared.process import die_with_parent
 from shared.redaction import redact_url
 from shared.redis_client import connect, ensure_group
 from shared.settings import Config
 from shared.store import open_store
+from supervisor.children import Child, ChildKey, Children
+from supervisor.checks import warn_about_commands, warn_about_unknown_streams
 from supervisor.intake import intake_main
+from supervisor.live_config import ConfigWatcher
 from supervisor.mirror import mirror_main
 from supervisor.recovery import reassign_orphans
+from supervisor.status import publish_status
 from worker.drivers.reaping import enable_child_subreaper
-from worker.main import EXIT_BOOT_FAILURE, worker_main
+from worker.main import consumer_name, worker_main
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
-# A child that exits sooner than this after its start counts as a failed start.
-QUICK_EXIT_SECONDS = 5.0
-MAX_RESPAWN_DELAY = 30.0
 # Seconds that a worker told to abort its task gets before SIGKILL.
 ABORT_MARGIN_SECONDS = 5.0
 SERVICE_STOP_SECONDS = 10.0
-
-
-class Child(msgspec.Struct):
-    pid: int
-    role: str
-    provider: str = ""
-    slot: int = -1
-    started: float = 0.0
+# Minimum seconds between two identical "redis unavailable" warnings of the loop.
+REDIS_WARNING_INTERVAL = 30.0
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, watcher: ConfigWatcher | None = None) -> None:
         self.config = config
         self.keys = Keys(config.redis.prefix)
         self.pid = os.getpid()
-        self.children: dict[int, Child] = {}
         self.signals: list[int] = []
         self.stopping = False
         self.cold_stop = False
-        # (role, provider, slot) -> (monotonic time before which it is not respawned, delay)
-        self.respawn_after: dict[tuple[str, str, int], tuple[float, float]] = {}
+        self.watcher = watcher or ConfigWatcher(None, None, None)
+        self.started_at = time.time()
+        self.last_redis_warning = 0.0
         self.wakeup_read, self.wakeup_write = os.pipe()
         os.set_blocking(self.wakeup_read, False)
         os.set_blocking(self.wakeup_write, False)
+        self.children = Children(self.pid, self._close_in_child)
+
+    def _close_in_child(self) -> None:
+        os.close(self.wakeup_read)
+        os.close(self.wakeup_write)
 
     # -- start -------------------------------------------------------------------
 
     def prepare(self) -> None:
         """Check Redis and the database, create the schema and the consumer groups."""
         config = self.config
-        client = connect(config.redis.url)
+        self.client = connect(config.redis.url)
         try:
-            client.ping()
+            self.client.ping()
         except redis.RedisError as exc:
             raise TaskvisorError(
                 f"cannot reach Redis at {redact_url(config.redis.url)}: {exc}; start Redis or pass --redis-url"
             ) from None
+        loaded = self.watcher.load(self.client, config)
+        if loaded is not None:
+            self.config = config = loaded
         store = open_store(config.database.url, config.base_dir)
         store.init_schema()
         store.close()
         for provider, settings in config.providers.items():
-            if settings.group_size == 0:
-                log.warning("provider has no workers (maxConcurrentTasks: 0); its tasks wait in the stream provider=%s", provider)
-            ensure_group(client, self.keys.tasks(provider), WORKER_GROUP)
-            reassign_orphans(client, self.keys, config.supervisor.name, provider, settings.group_size)
-        client.close()
+            self.prepare_provider(provider, settings.group_size)
+        warn_about_commands(config)
+        warn_about_unknown_streams(self.client, self.keys, config)
 
-    def kill_orphans(self) -> None:
-        """Kill the process groups of commands whose worker died.
-
-        The supervisor is the child subreaper, so when a worker dies its running command
-        is re-parented here. Its task is taken over by another worker, so the command
-        must not go on changing the instance behind that worker's back.
-        """
-        known = set(self.children)
-        try:
-            strays = [proc for proc in psutil.Process(self.pid).children() if proc.pid not in known]
-        except psutil.Error:
-            return
-        own_group = os.getpgid(0)
-        for proc in strays:
-            try:
-                group = os.getpgid(proc.pid)
-                command = " ".join(proc.cmdline())[:200]
-                if group != own_group:
-                    os.killpg(group, signal.SIGKILL)
-                else:
-                    os.kill(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, psutil.Error):
-                continue
-            log.warning("killed process left by a dead worker pid=%d group=%d command=%s", proc.pid, group, command)
-        if strays:
-            self.reap_children()
+    def prepare_provider(self, provider: str, group_size: int) -> None:
+        if group_size == 0:
+            log.warning("provider has no workers (paused or maxConcurrentTasks: 0); its tasks wait provider=%s", provider)
+        ensure_group(self.client, self.keys.tasks(provider), WORKER_GROUP)
+        reassign_orphans(self.client, self.keys, self.config.supervisor.name, provider, group_size)
 
     def install_signals(self) -> None:
         signal.set_wakeup_fd(self.wakeup_write)
@@ -135,11 +111,13 @@ class Supervisor:
             redact_url(self.config.redis.url), redact_url(self.config.database.url), os.getpid(),
         )  # fmt: skip
         while not self.stopping:
-            self.spawn_missing()
+            self.reconcile_children()
             self.wait_for_wakeup(TICK_SECONDS)
             self.handle_signals()
             self.reap_children()
-            self.kill_orphans()
+            self.children.kill_orphans()
+            self.apply_config_changes()
+            self.publish_status()
         self.shutdown()
         return 0
 
@@ -162,110 +140,100 @@ class Supervisor:
                 if self.stopping:
                     self.cold_stop = True
                 self.stopping = True
+                self.children.stopping = True
                 log.info("signal received signal=%s; stopping", signal.Signals(signum).name)
             elif signum == signal.SIGHUP:
-                log.info("SIGHUP received; live reload is not supported yet, restart to apply config changes")
+                log.info("SIGHUP received; reloading the configuration")
+                self.watcher.request_reload()
 
     # -- children ------------------------------------------------------------------
 
-    def wanted_children(self) -> list[tuple[str, str, int]]:
-        wanted = [("intake", "", 0), ("mirror", "", 0)]
+    def wanted_children(self) -> list[ChildKey]:
+        wanted: list[ChildKey] = [("intake", "", 0), ("mirror", "", 0)]
         for provider, settings in self.config.providers.items():
             wanted += [("worker", provider, slot) for slot in range(settings.group_size)]
         return wanted
 
-    def spawn_missing(self) -> None:
-        running = {(child.role, child.provider, child.slot) for child in self.children.values()}
-        now = time.monotonic()
-        for key in self.wanted_children():
-            if key in running:
-                continue
-            not_before, _delay = self.respawn_after.get(key, (0.0, 0.0))
-            if now < not_before:
-                continue
-            role, provider, slot = key
-            if role == "worker":
-                self.fork(key, lambda p=provider, s=slot: worker_main(self.config, p, s), f"worker:{provider}:{slot}")
-            elif role == "intake":
-                self.fork(key, lambda: intake_main(self.config), "intake")
-            else:
-                self.fork(key, lambda: mirror_main(self.config), "mirror")
+    def reconcile_children(self) -> None:
+        def retire_reason(child: Child) -> str:
+            return "resize" if child.provider in self.config.providers else "remove"
 
-    def fork(self, key: tuple[str, str, int], target: Callable[[], int], role_name: str) -> None:
+        self.children.reconcile(self.wanted_children(), self.start_child, retire_reason)
+
+    def start_child(self, key: ChildKey) -> None:
         role, provider, slot = key
-        pid = os.fork()
-        if pid == 0:
-            self._run_child(target, role_name)
-        self.children[pid] = Child(pid=pid, role=role, provider=provider, slot=slot, started=time.monotonic())
-        log.debug("child started role=%s provider=%s slot=%d pid=%d", role, provider or "-", slot, pid)
-
-    def _run_child(self, target: Callable[[], int], role_name: str) -> None:
-        code = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGCHLD, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_DFL)
-            os.close(self.wakeup_read)
-            os.close(self.wakeup_write)
-            set_role(role_name)
-            die_with_parent()
-            if os.getppid() != self.pid:
-                # The supervisor died before the request above took effect.
-                os._exit(0)
-            code = target()
-        except BaseException:
-            log.exception("child process crashed role=%s pid=%d", role_name, os.getpid())
-            code = 1
-        finally:
-            logging.shutdown()
-            os._exit(code)
+        if role == "worker":
+            self.children.fork(key, lambda: worker_main(self.config, provider, slot), f"worker:{provider}:{slot}")
+        elif role == "intake":
+            self.children.fork(key, lambda: intake_main(self.config), "intake")
+        else:
+            self.children.fork(key, lambda: mirror_main(self.config), "mirror")
 
     def reap_children(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            child = self.children.pop(pid, None)
-            if child is None:
-                continue
-            self.log_exit(child, status)
-            self.schedule_respawn(child, status)
+        ended = self.children.reap()
+        owners = [
+            f"{consumer_name(self.config.supervisor.name, child.provider, child.slot)}:{child.pid}"
+            for child in ended
+            if child.role == "worker"
+        ]
+        if not owners:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for child, owner in zip([c for c in ended if c.role == "worker"], owners, strict=True):
+                pipe.hdel(self.keys.busy(child.provider), owner)
+            pipe.execute()
+        except redis.RedisError as exc:
+            self.warn_redis("busy list not cleaned", exc)
 
-    def log_exit(self, child: Child, status: int) -> None:
-        what = f"role={child.role} provider={child.provider or '-'} slot={child.slot} pid={child.pid}"
-        if os.WIFSIGNALED(status):
-            name = signal.Signals(os.WTERMSIG(status)).name
-            level = logging.INFO if self.stopping and name in ("SIGTERM", "SIGKILL") else logging.ERROR
-            log.log(level, "child killed by signal %s %s", name, what)
-        elif os.WEXITSTATUS(status) == 0:
-            log.log(logging.INFO if self.stopping else logging.WARNING, "child exited %s", what)
-        else:
-            log.error("child exited with code %d %s", os.WEXITSTATUS(status), what)
+    # -- live configuration ----------------------------------------------------------
 
-    def schedule_respawn(self, child: Child, status: int) -> None:
-        key = (child.role, child.provider, child.slot)
-        quick = time.monotonic() - child.started < QUICK_EXIT_SECONDS
-        failed_boot = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_FAILURE
-        if quick or failed_boot:
-            _not_before, delay = self.respawn_after.get(key, (0.0, 0.0))
-            delay = min(max(delay * 2, 1.0), MAX_RESPAWN_DELAY)
-            self.respawn_after[key] = (time.monotonic() + delay, delay)
-            log.warning("respawn delayed role=%s provider=%s slot=%d delay=%.0fs", child.role, child.provider or "-", child.slot, delay)
-        else:
-            self.respawn_after.pop(key, None)
+    def apply_config_changes(self) -> None:
+        try:
+            new = self.watcher.poll(self.client, self.config)
+        except redis.RedisError as exc:
+            self.watcher.reset_connection()
+            self.warn_redis("provider settings not read", exc)
+            return
+        if new is None:
+            return
+        old = self.config
+        # Only provider settings change at run time; the rest needs a restart.
+        new = msgspec.structs.replace(old, providers=new.providers)
+        for provider in sorted(set(old.providers) - set(new.providers)):
+            log.info("provider removed; its workers finish their tasks and stop provider=%s", provider)
+        for provider in sorted(set(new.providers) - set(old.providers)):
+            log.info("provider added provider=%s workers=%d", provider, new.providers[provider].group_size)
+            self.prepare_provider(provider, new.providers[provider].group_size)
+        for provider in sorted(set(old.providers) & set(new.providers)):
+            self.log_provider_change(provider, old.providers[provider], new.providers[provider])
+        self.config = new
+        restart_services = set(old.providers) != set(new.providers)
+        for child in list(self.children.by_pid.values()):
+            changed = child.provider in new.providers and _needs_restart(old, new, child.provider)
+            if (child.role == "worker" and changed) or (child.role != "worker" and restart_services):
+                if not child.retiring or child.retiring == "resize":
+                    self.children.retire(child, "restart")
+        self.reconcile_children()
+
+    def log_provider_change(self, provider: str, old, new) -> None:
+        if old.group_size != new.group_size:
+            log.info("provider resized provider=%s workers=%d->%d paused=%s", provider, old.group_size, new.group_size, new.paused)
+        if _needs_restart_settings(old, new):
+            log.info("provider settings changed; its workers restart after their current task provider=%s", provider)
+
+    def publish_status(self) -> None:
+        try:
+            publish_status(self.client, self.keys, self.config, self.children, self.started_at, self.watcher.errors)
+        except redis.RedisError as exc:
+            self.warn_redis("status not published", exc)
+
+    def warn_redis(self, what: str, exc: Exception) -> None:
+        if time.monotonic() - self.last_redis_warning >= REDIS_WARNING_INTERVAL:
+            self.last_redis_warning = time.monotonic()
+            log.warning("redis unavailable in supervisor: %s error=%s", what, exc)
 
     # -- shutdown --------------------------------------------------------------------
-
-    def signal_children(self, role: str | None, signum: int) -> None:
-        for child in list(self.children.values()):
-            if role is None or child.role == role:
-                try:
-                    os.kill(child.pid, signum)
-                except ProcessLookupError:
-                    pass
 
     def wait_for_children(self, role: str | None, deadline: float, until_cold_stop: bool = False) -> bool:
         """Reap until no child of `role` is left or the deadline passes; True when none is left.
@@ -274,8 +242,7 @@ class Supervisor:
         """
         while True:
             self.reap_children()
-            left = [child for child in self.children.values() if role is None or child.role == role]
-            if not left:
+            if self.children.count(role) == 0:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -287,23 +254,38 @@ class Supervisor:
 
     def shutdown(self) -> None:
         grace = self.config.supervisor.shutdown_grace
-        workers = sum(1 for child in self.children.values() if child.role == "worker")
-        log.info("stopping workers count=%d grace=%.0fs", workers, grace)
-        self.signal_children("worker", signal.SIGTERM)
+        log.info("stopping workers count=%d grace=%.0fs", self.children.count("worker"), grace)
+        self.children.signal_all("worker", signal.SIGTERM)
         if not self.wait_for_children("worker", time.monotonic() + grace, until_cold_stop=True):
             log.warning("grace period over; stopping running tasks and returning them to pending")
-            self.signal_children("worker", signal.SIGUSR1)
+            self.children.signal_all("worker", signal.SIGUSR1)
             kill_grace = max((p.driver.kill_grace for p in self.config.providers.values()), default=5.0)
             if not self.wait_for_children("worker", time.monotonic() + kill_grace + ABORT_MARGIN_SECONDS):
                 log.error("workers did not stop; sending SIGKILL")
-                self.signal_children("worker", signal.SIGKILL)
+                self.children.signal_all("worker", signal.SIGKILL)
                 self.wait_for_children("worker", time.monotonic() + 5)
         log.info("workers stopped")
 
         log.info("stopping intake and mirror")
-        self.signal_children(None, signal.SIGTERM)
+        self.children.signal_all(None, signal.SIGTERM)
         if not self.wait_for_children(None, time.monotonic() + SERVICE_STOP_SECONDS):
-            self.signal_children(None, signal.SIGKILL)
+            self.children.signal_all(None, signal.SIGKILL)
             self.wait_for_children(None, time.monotonic() + 5)
+        try:
+            self.client.delete(f"{self.keys.prefix}:supervisor:{self.config.supervisor.name}")
+        except redis.RedisError:
+            pass
         log.info("supervisor stopped pid=%d", os.getpid())
 
+
+def _needs_restart_settings(old, new) -> bool:
+    """True when settings other than the group size changed, which workers read at start."""
+    return (old.driver, old.timeouts, old.task_poll_interval, old.enable_task_polling) != (
+        new.driver, new.timeouts, new.task_poll_interval, new.enable_task_polling,
+    )  # fmt: skip
+
+
+def _needs_restart(old: Config, new: Config, provider: str) -> bool:
+    if provider not in old.providers:
+        return False
+    return _needs_restart_settings(old.providers[provider], new.providers[provider])

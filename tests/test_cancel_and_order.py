@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import orjson
 import psutil
 import pytest
 
@@ -141,6 +142,9 @@ def test_cancel_restores_instance(tmp_path, redis_server, start_supervisor, task
         client.xadd("taskvisor:{p}:tasks", {"id": "quick", "type": setup, "instance": "vm-1", "user": "u"})
     client.xadd("taskvisor:{p}:tasks", {"id": "slow", "type": task_type, "instance": "vm-1", "user": "u"})
     wait_for(started.exists, 10, "the slow task to start")
+    shown = orjson.loads(cli(supervisor.config_path, "get", "slow", "--json").stdout)
+    assert shown["status"] == "running"
+    assert shown["timeout"] - 10 < shown["remaining_seconds"] <= shown["timeout"]
 
     result = cli(supervisor.config_path, "cancel", "slow", "--wait", "10")
     assert result.returncode == 0

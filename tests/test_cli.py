@@ -158,3 +158,63 @@ def test_db_init_twice(config_file, mariadb_url):
     again = taskvisor("db", "init", env=env)
     assert again.returncode == 0
     assert "schema ready" in again.stdout
+
+
+def test_submit_type_without_command(config_file, tmp_path):
+    document = yaml.safe_load(config_file.read_text())
+    document["providers"]["pve-1"]["driver"]["commands"] = {"start": ["/bin/true"]}
+    config_file.write_text(yaml.safe_dump(document))
+    result = taskvisor("submit", "--provider", "pve-1", "--type", "delete", "--instance", "vm-1", "--user", "u",
+                       env={"TASKVISOR_CONFIG": str(config_file)})
+    assert result.returncode != 0
+    assert "provider 'pve-1' has no command for task type 'delete'" in result.stderr
+
+
+def test_get_shows_history(config_file):
+    env = {"TASKVISOR_CONFIG": str(config_file)}
+    task_id = taskvisor("submit", "--provider", "pve-1", "--type", "start", "--instance", "vm-1", "--user", "u",
+                        env=env).stdout.strip()
+    process = subprocess.Popen([sys.executable, "-m", "supervisor", "supervise", "--config", str(config_file)],
+                               env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: orjson.loads(taskvisor("get", task_id, "--json", env=env).stdout or "{}").get("status") == "completed",
+                 20, "the task to complete")
+    finally:
+        process.terminate()
+        process.wait(30)
+    shown = orjson.loads(taskvisor("get", task_id, "--json", env=env).stdout)
+    statuses = [item["status"] for item in shown["history"]]
+    assert statuses[0] == "pending"
+    assert statuses[-1] == "completed"
+    assert "running" in statuses
+    assert any(item["message"] == "half" for item in shown["history"])
+    assert "remaining_seconds" not in shown
+    text = taskvisor("get", task_id, env=env).stdout
+    assert "history" in text
+
+
+def test_list_created_range(config_file):
+    from shared.store import open_store
+    from shared.store.records import TaskRecord
+
+    store = open_store(yaml.safe_load(config_file.read_text())["database"]["url"])
+    store.init_schema()
+    store.write_batch([
+        TaskRecord(id=f"r-{index}", provider_id="pve-1", instance_id="vm-1", user_id="u", task_type="stop",
+                   status="failed", progress=0, status_message="", error_message="line one\nline two",
+                   task_data="{}", result=None, timeout_seconds=300, attempts=1, version=3,
+                   created_at=1_800_000_000 + index, started_at=None, completed_at=None, updated_at=1_800_000_000 + index)
+        for index in range(7)
+    ], [])  # fmt: skip
+    store.close()
+    env = {"TASKVISOR_CONFIG": str(config_file)}
+    ranged = taskvisor("list", "--json", "--created-from", "2027-01-15T08:00:03", "--created-until", "2027-01-15T08:00:05",
+                       env=env)
+    assert ranged.returncode == 0, ranged.stderr
+    assert [orjson.loads(line)["id"] for line in ranged.stdout.splitlines()] == ["r-4", "r-3"]
+    table = taskvisor("list", "--status", "failed", env=env).stdout.splitlines()
+    assert len(table) == 8
+    assert all("line one line two" in row for row in table[1:])
+    bogus = taskvisor("list", "--status", "broken", env=env)
+    assert bogus.returncode != 0
+    assert "'broken' is not one of" in bogus.stderr

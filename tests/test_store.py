@@ -1,6 +1,7 @@
 """The SQL store on real databases: a SQLite file and a throwaway MariaDB database."""
 
 import math
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -439,3 +440,224 @@ def test_mysql_connect_failure_hides_password() -> None:
         open_store("mysql://alice:secret@127.0.0.1:1/tasks")
     assert "***" in str(caught.value)
     assert "secret" not in str(caught.value)
+
+
+def test_list_created_range(store: Store) -> None:
+    store.write_batch([make_task(f"t{index}", created_at=BASE_TIME + index) for index in range(10)], [])
+
+    def ids(**filters: object) -> list[str]:
+        return [row["id"] for row in store.list_tasks(**filters)]
+
+    # created_from is inclusive and created_until exclusive, to the microsecond.
+    assert ids(created_from=BASE_TIME + 3, created_until=BASE_TIME + 7) == ["t6", "t5", "t4", "t3"]
+    assert ids(created_from=BASE_TIME + 3.000001, created_until=BASE_TIME + 7.000001) == ["t7", "t6", "t5", "t4"]
+    assert ids(created_from=BASE_TIME + 8) == ["t9", "t8"]
+    assert ids(created_until=BASE_TIME + 2) == ["t1", "t0"]
+    assert ids(created_from=BASE_TIME + 5, created_until=BASE_TIME + 5) == []
+
+
+def test_list_created_range_with_filters_and_pages(store: Store) -> None:
+    tasks = [
+        make_task(f"t{index:02d}", status="failed" if index % 2 else "completed", created_at=BASE_TIME + index // 2)
+        for index in range(20)
+    ]
+    store.write_batch(tasks, [])
+
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = store.list_tasks(
+            status="failed", created_from=BASE_TIME + 2, created_until=BASE_TIME + 8, limit=2, before=cursor
+        )
+        if not page:
+            break
+        seen.extend(row["id"] for row in page)
+        cursor = store.cursor_for(page[-1])
+
+    # Failed tasks have odd numbers, and task n was created at BASE_TIME + n // 2.
+    assert seen == ["t15", "t13", "t11", "t09", "t07", "t05"]
+
+
+def test_list_created_range_invalid(store: Store) -> None:
+    with pytest.raises(StoreError, match="invalid created_from nan"):
+        store.list_tasks(created_from=math.nan)
+    with pytest.raises(StoreError, match="invalid created_until inf"):
+        store.list_tasks(created_until=math.inf)
+
+
+def test_count_by_provider_status(store: Store) -> None:
+    assert store.count_by_provider_status() == {}
+
+    store.write_batch(
+        [
+            make_task("a", provider_id="hetzner", status="running"),
+            make_task("b", provider_id="hetzner", status="running"),
+            make_task("c", provider_id="hetzner", status="cancelled"),
+            make_task("d", provider_id="ovh", status="failed"),
+            make_task("e", provider_id="ovh", status="completed"),
+        ],
+        [],
+    )
+
+    assert store.count_by_provider_status() == {
+        "hetzner": {"running": 2, "cancelled": 1},
+        "ovh": {"failed": 1, "completed": 1},
+    }
+
+
+def finished_task(task_id: str, status: str, started: float | None, completed: float, **changes: object) -> TaskRecord:
+    return make_task(
+        task_id, version=3, status=status, started_at=started, completed_at=completed, updated_at=completed, **changes
+    )
+
+
+def test_run_durations(store: Store) -> None:
+    since = BASE_TIME + 1000
+    store.write_batch(
+        [
+            finished_task("start-1", "completed", since + 10, since + 12.5, task_type="start"),
+            finished_task("start-2", "completed", since + 20, since + 27.25, task_type="start"),
+            finished_task("create-1", "completed", since - 100, since + 200, task_type="create"),
+            # Completed at exactly `since`: included.
+            finished_task("stop-1", "completed", since - 4, since, task_type="stop"),
+            # Completed before `since`, not completed, or never started: excluded.
+            finished_task("start-old", "completed", since - 60, since - 0.000001, task_type="start"),
+            finished_task("start-failed", "failed", since + 1, since + 50, task_type="start"),
+            finished_task("start-cancelled", "cancelled", None, since + 60, task_type="start"),
+            make_task("start-running", status="running", started_at=since + 5, task_type="start"),
+        ],
+        [],
+    )
+
+    durations = store.run_durations(since)
+
+    assert set(durations) == {"start", "create", "stop"}
+    assert durations["start"] == pytest.approx([7.25, 2.5], abs=1e-6)
+    assert durations["create"] == pytest.approx([300.0], abs=1e-6)
+    assert durations["stop"] == pytest.approx([4.0], abs=1e-6)
+
+
+def test_run_durations_limit_keeps_newest(store: Store) -> None:
+    since = BASE_TIME
+    store.write_batch(
+        [
+            finished_task(f"t{index}", "completed", since + index * 10, since + index * 10 + index,
+                          task_type="start" if index % 2 else "stop")
+            for index in range(1, 7)
+        ],
+        [],
+    )  # fmt: skip
+
+    durations = store.run_durations(since, limit=3)
+
+    # The three newest completions are t6, t5 and t4, and task n ran for n seconds.
+    assert durations["stop"] == pytest.approx([6.0, 4.0], abs=1e-6)
+    assert durations["start"] == pytest.approx([5.0], abs=1e-6)
+    with pytest.raises(ValueError, match="at least 1"):
+        store.run_durations(since, limit=0)
+    assert store.run_durations(since + 1000) == {}
+
+
+def test_error_rate(store: Store) -> None:
+    since = BASE_TIME + 3600
+    assert store.error_rate(since) == (0, 0)
+
+    store.write_batch(
+        [
+            finished_task("ok-1", "completed", since, since + 1),
+            finished_task("ok-2", "completed", since, since + 2),
+            finished_task("failed-1", "failed", since, since + 3),
+            finished_task("timeout-1", "timeout", since, since + 4),
+            finished_task("cancelled-1", "cancelled", None, since + 5),
+            finished_task("cancelled-2", "cancelled", since, since),
+            # Ended before `since`, or not ended: not counted.
+            finished_task("failed-old", "failed", since - 10, since - 1),
+            finished_task("completed-old", "completed", since - 10, since - 1),
+            make_task("running-1", status="running", started_at=since + 1),
+            make_task("pending-1", status="pending"),
+        ],
+        [],
+    )
+
+    errors, terminal = store.error_rate(since)
+    assert errors == 2
+    assert terminal == 6
+    assert store.error_rate(since + 4.5) == (0, 1)
+
+
+def test_mysql_unanswered_server_times_out() -> None:
+    from shared.store.mysql import MysqlStore
+
+    # A listening socket that never accepts: the kernel completes the TCP handshake for
+    # queued connections, so the client is connected but never gets the server greeting.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        url = f"mysql://alice:secret@127.0.0.1:{port}/tasks"
+
+        started = time.monotonic()
+        with pytest.raises(StoreError) as caught:
+            store = MysqlStore(
+                host="127.0.0.1", port=port, user="alice", password="secret", database="tasks",
+                display_url=redact_url(url), io_timeout_seconds=1,
+            )  # fmt: skip
+            store.init_schema()
+        elapsed = time.monotonic() - started
+
+    message = str(caught.value)
+    assert elapsed < 10
+    assert f"mysql://alice:***@127.0.0.1:{port}/tasks" in message
+    assert "secret" not in message
+    assert "cannot connect" in message
+    assert "no reply from the server within 1 s" in message
+    assert f"MySQL or MariaDB server is listening on 127.0.0.1:{port}" in message
+    assert "user 'alice' may connect" in message
+
+
+def test_mariadb_query_timeout_names_server(mariadb_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    from shared.store.mysql import MysqlStore
+
+    parts = urlsplit(mariadb_url)
+    database = parts.path[1:]
+    # Another session holds the schema lock, so init_schema's GET_LOCK gets no reply
+    # within the 1 s read timeout, once on the first connection and once after reconnecting.
+    holder = pymysql.connect(
+        host=parts.hostname, port=parts.port, user=unquote(parts.username or ""),
+        password=unquote(parts.password or ""), database=database, autocommit=True,
+    )  # fmt: skip
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT GET_LOCK(CONCAT('taskvisor_schema.', DATABASE()), 0)")
+            assert cursor.fetchone() == (1,)
+
+        store = MysqlStore(
+            host=parts.hostname, port=parts.port, user=unquote(parts.username or ""),
+            password=unquote(parts.password or ""), database=database,
+            display_url=redact_url(mariadb_url), io_timeout_seconds=1,
+        )  # fmt: skip
+        started = time.monotonic()
+        with store, pytest.raises(StoreError) as caught:
+            store.init_schema()
+        elapsed = time.monotonic() - started
+    finally:
+        holder.close()
+
+    message = str(caught.value)
+    assert elapsed < 10
+    assert message.startswith(f"creating the schema on {redact_url(mariadb_url)} failed")
+    assert "no reply from the server within 1 s" in message
+    assert f"listening on {parts.hostname}:{parts.port}" in message
+    assert "reconnecting" in caplog.text
+
+
+def test_mariadb_unknown_database_hint(mariadb_url: str) -> None:
+    missing_url = f"{mariadb_url}_missing"
+
+    with pytest.raises(StoreError) as caught:
+        open_store(missing_url)
+
+    message = str(caught.value)
+    assert message.startswith(f"cannot connect to {redact_url(missing_url)}")
+    assert "1049" in message
+    assert "create the database first or fix its name in the URL" in message

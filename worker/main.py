@@ -3,9 +3,10 @@
 A worker reads its provider's task stream through the `workers` consumer group. It
 first takes the entries already delivered to its consumer name (work a previous
 worker in the same slot left unfinished, or entries the supervisor handed over), then
-new ones. Signals: SIGTERM finishes the current task and exits; SIGUSR1 stops the
-current task at once and puts it back to pending for redelivery; SIGINT is ignored
-because the supervisor, not the terminal, decides when workers stop.
+new ones. Signals: SIGTERM finishes the current task and exits; SIGUSR2 takes a
+SIGTERM back while the worker has not left its loop yet; SIGUSR1 stops the current
+task at once and puts it back to pending for redelivery; SIGINT is ignored because
+the supervisor, not the terminal, decides when workers stop.
 """
 
 import logging
@@ -77,10 +78,16 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGUSR1, self._on_abort)
+        signal.signal(signal.SIGUSR2, self._on_keep)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def _on_term(self, signum: int, frame: object) -> None:
         self.stopping = True
+
+    def _on_keep(self, signum: int, frame: object) -> None:
+        # The supervisor took back a retirement: keep serving, unless a shutdown began.
+        if not self.abort_current:
+            self.stopping = False
 
     def _on_abort(self, signum: int, frame: object) -> None:
         self.stopping = True

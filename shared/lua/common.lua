@@ -8,8 +8,17 @@ local function now()
   return string.format('%d.%06d', t[1], t[2])
 end
 
--- Append the task's full current state to its provider's event stream.
+-- Entries kept in a task's history list (`<task key>:history`), newest last.
+local HISTORY_LENGTH = 100
+
+-- Append the task's full current state to its provider's event stream, and a short
+-- line to the task's history list.
 local function emit(task_key, events_key, maxlen, instance_status, instance_changed)
+  local state = redis.call('HMGET', task_key, 'status', 'progress', 'message', 'updated_at', 'attempts')
+  local history_key = task_key .. ':history'
+  redis.call('RPUSH', history_key, cjson.encode({at = state[4], status = state[1], progress = state[2],
+    message = state[3], attempt = state[5]}))
+  redis.call('LTRIM', history_key, -HISTORY_LENGTH, -1)
   local flat = redis.call('HGETALL', task_key)
   flat[#flat + 1] = 'instance_status'
   flat[#flat + 1] = instance_status or ''

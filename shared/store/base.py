@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Self
 
 from shared.errors import StoreError
+from shared.states import TERMINAL_STATUSES, TaskStatus
 from shared.store.records import InstanceRecord, TaskRecord
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,14 @@ def batch_parameters(tasks: list[TaskRecord], instances: list[InstanceRecord]) -
     return task_rows, instance_rows
 
 
+def time_parameter(name: str, seconds: float) -> str:
+    """Convert a time argument to the text form of the time columns, raising StoreError that names it."""
+    try:
+        return format_micros(epoch_to_micros(seconds))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise StoreError(f"invalid {name} {seconds!r}: expected UTC epoch seconds ({exc})") from None
+
+
 def encode_cursor(created_at: float, task_id: str) -> str:
     """Encode the keyset position (created_at, id) as a URL-safe string."""
     payload = f"{epoch_to_micros(created_at)}|{task_id}".encode("utf-8")
@@ -230,14 +239,17 @@ class Store(ABC):
         user: str | None = None,
         instance: str | None = None,
         task_type: str | None = None,
+        created_from: float | None = None,
+        created_until: float | None = None,
         limit: int = DEFAULT_LIST_LIMIT,
         before: str | None = None,
     ) -> list[dict[str, Any]]:
         """Return task rows that match every given filter, newest first.
 
-        `limit` is clamped to 1-500. To get the next page, pass `cursor_for(last_row)` as
-        `before`. Pages are cut on (created_at, id), so rows written meanwhile never make
-        another row repeat or go missing.
+        `created_from` (inclusive) and `created_until` (exclusive) bound created_at, in UTC
+        epoch seconds. `limit` is clamped to 1-500. To get the next page, pass
+        `cursor_for(last_row)` as `before`. Pages are cut on (created_at, id), so rows written
+        meanwhile never make another row repeat or go missing.
         """
         marker = self.placeholder
         filters = (
@@ -253,6 +265,13 @@ class Store(ABC):
             if value is not None:
                 conditions.append(f"{column} = {marker}")
                 parameters.append(value)
+
+        if created_from is not None:
+            conditions.append(f"created_at >= {marker}")
+            parameters.append(time_parameter("created_from", created_from))
+        if created_until is not None:
+            conditions.append(f"created_at < {marker}")
+            parameters.append(time_parameter("created_until", created_until))
 
         if before is not None:
             created_micros, task_id = decode_cursor(before)
@@ -290,6 +309,60 @@ class Store(ABC):
         """Return the number of tasks in each status; statuses with no tasks are absent."""
         rows = self._select("SELECT status, COUNT(*) AS task_count FROM taskvisor_tasks GROUP BY status", ())
         return {row["status"]: int(row["task_count"]) for row in rows}
+
+    def count_by_provider_status(self) -> dict[str, dict[str, int]]:
+        """Return the number of tasks per provider and status; empty combinations are absent."""
+        rows = self._select(
+            "SELECT provider_id, status, COUNT(*) AS task_count FROM taskvisor_tasks GROUP BY provider_id, status", ()
+        )
+        counts: dict[str, dict[str, int]] = {}
+        for row in rows:
+            counts.setdefault(row["provider_id"], {})[row["status"]] = int(row["task_count"])
+        return counts
+
+    def run_durations(self, since: float, limit: int = 10000) -> dict[str, list[float]]:
+        """Return the run times in seconds of completed tasks per task type, newest first.
+
+        A run time is completed_at - started_at of a task in status `completed` whose
+        completed_at is at or after `since`. At most `limit` tasks are read in all, the most
+        recently completed ones. The difference is computed here rather than in SQL, because
+        SQLite and MySQL have no common function for subtracting two times.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        marker = self.placeholder
+        # NOTE: no index starts with completed_at, so this scans every completed task.
+        sql = (
+            "SELECT task_type, started_at, completed_at FROM taskvisor_tasks"
+            f" WHERE status = {marker} AND completed_at >= {marker} AND started_at IS NOT NULL"
+            f" ORDER BY completed_at DESC, id DESC LIMIT {marker}"
+        )
+        rows = self._select(sql, (TaskStatus.COMPLETED.value, time_parameter("since", since), int(limit)))
+
+        durations: dict[str, list[float]] = {}
+        for row in rows:
+            seconds = parse_time(row["completed_at"]) - parse_time(row["started_at"])
+            durations.setdefault(row["task_type"], []).append(seconds)
+        return durations
+
+    def error_rate(self, since: float) -> tuple[int, int]:
+        """Return (errors, terminal) task counts for tasks completed at or after `since`.
+
+        `terminal` counts every terminal status, cancelled included. `errors` counts only
+        `failed` and `timeout`, so a cancelled task is never an error.
+        """
+        marker = self.placeholder
+        terminal = sorted(status.value for status in TERMINAL_STATUSES)
+        sql = (
+            "SELECT status, COUNT(*) AS task_count FROM taskvisor_tasks"
+            f" WHERE completed_at >= {marker} AND status IN ({', '.join(marker for _ in terminal)})"
+            " GROUP BY status"
+        )
+        rows = self._select(sql, (time_parameter("since", since), *terminal))
+
+        counts = {row["status"]: int(row["task_count"]) for row in rows}
+        errors = counts.get(TaskStatus.FAILED.value, 0) + counts.get(TaskStatus.TIMEOUT.value, 0)
+        return errors, sum(counts.values())
 
     def _versions_to_apply(self, stored_version: int) -> range:
         """Return the schema versions to apply after `stored_version` (0 for an empty database)."""

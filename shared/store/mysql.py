@@ -31,12 +31,15 @@ logger = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
 CONNECT_TIMEOUT_SECONDS = 10
-# How long init_schema waits for another process that is upgrading the same database.
-SCHEMA_LOCK_SECONDS = 60
-# Longer than InnoDB's default lock wait timeout (innodb_lock_wait_timeout = 50 s), so a
-# blocked write ends with error 1205 and is retried instead of ending as a lost connection.
-READ_TIMEOUT_SECONDS = 300
-WRITE_TIMEOUT_SECONDS = 300
+# Read and write timeout of the connection, also while waiting for the server's greeting.
+# Without it, a server that accepts the connection but never replies blocks a call forever.
+# It is longer than InnoDB's default lock wait timeout (innodb_lock_wait_timeout = 50 s), so
+# a blocked write ends with error 1205 and is retried instead of ending as a lost connection.
+# NOTE: a future schema step that rebuilds a large table may need longer than this.
+IO_TIMEOUT_SECONDS = 60
+# How long init_schema waits for another process that is upgrading the same database. It is
+# shorter than IO_TIMEOUT_SECONDS, so GET_LOCK returns before the read timeout ends the wait.
+SCHEMA_LOCK_SECONDS = 30
 
 # After a deadlock or lock wait timeout the store rolls back and retries the whole transaction,
 # which is safe because the upserts are versioned.
@@ -45,6 +48,15 @@ MAX_LOCK_RETRIES = 3
 LOCK_RETRY_DELAY_SECONDS = 0.1
 # "Server has gone away" and "lost connection": the store reconnects once and retries.
 CONNECTION_ERROR_CODES = frozenset({CR.CR_SERVER_GONE_ERROR, CR.CR_SERVER_LOST})
+# Errors whose message gets the hint to check the server address and the user's rights:
+# no server reached, connection lost, access denied, or a host the server rejects.
+UNREACHABLE_ERROR_CODES = CONNECTION_ERROR_CODES | {
+    CR.CR_CONN_HOST_ERROR,
+    CR.CR_UNKNOWN_HOST,
+    ER.ACCESS_DENIED_ERROR,
+    ER.DBACCESS_DENIED_ERROR,
+    ER.HOST_NOT_PRIVILEGED,
+}
 
 _TABLE_OPTIONS = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin ROW_FORMAT=DYNAMIC"
 
@@ -144,8 +156,13 @@ class MysqlStore(Store):
         password: str | None,
         database: str,
         display_url: str,
+        io_timeout_seconds: float = IO_TIMEOUT_SECONDS,
     ) -> None:
+        """Connect at once, raising StoreError. `io_timeout_seconds` is the read and write timeout."""
         super().__init__(display_url)
+        self._io_timeout_seconds = io_timeout_seconds
+        self._server = f"{host}:{port}"
+        self._user = user
         self._connect_arguments: dict[str, Any] = {
             "host": host,
             "port": port,
@@ -155,8 +172,8 @@ class MysqlStore(Store):
             "charset": "utf8mb4",
             "autocommit": True,
             "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-            "read_timeout": READ_TIMEOUT_SECONDS,
-            "write_timeout": WRITE_TIMEOUT_SECONDS,
+            "read_timeout": io_timeout_seconds,
+            "write_timeout": io_timeout_seconds,
         }
         self._connection: Connection | None = self._connect()
         self._closed = False
@@ -235,7 +252,25 @@ class MysqlStore(Store):
         try:
             return pymysql.connect(**self._connect_arguments)
         except pymysql.MySQLError as exc:
-            raise StoreError(f"cannot connect to {self.display_url}: {exc}") from exc
+            raise StoreError(f"cannot connect to {self.display_url}: {self._describe(exc)}") from exc
+
+    def _describe(self, exc: pymysql.MySQLError) -> str:
+        """Describe a driver error and, when the server was not reachable, what to check."""
+        code = exc.args[0] if exc.args else None
+        if _timed_out(exc):
+            text = exc.args[1] if len(exc.args) > 1 else exc
+            detail = f"no reply from the server within {self._io_timeout_seconds:g} s (error {code}: {text})"
+        else:
+            detail = str(exc)
+
+        if code == ER.BAD_DB_ERROR:
+            return f"{detail}; create the database first or fix its name in the URL"
+        if code in UNREACHABLE_ERROR_CODES or isinstance(exc, pymysql.InterfaceError):
+            return (
+                f"{detail}; check that a MySQL or MariaDB server is listening on {self._server}"
+                f" and that user {self._user!r} may connect to it from this host"
+            )
+        return detail
 
     def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
@@ -293,8 +328,8 @@ class MysqlStore(Store):
                     self._drop_connection()
                     continue
 
-                hint = MISSING_SCHEMA_HINT if exc.args and exc.args[0] == ER.NO_SUCH_TABLE else ""
-                raise StoreError(f"{description} on {self.display_url} failed: {exc}{hint}") from exc
+                hint = MISSING_SCHEMA_HINT if code == ER.NO_SUCH_TABLE else ""
+                raise StoreError(f"{description} on {self.display_url} failed: {self._describe(exc)}{hint}") from exc
 
     def _rollback(self, connection: Connection) -> None:
         if not connection.open:
@@ -303,3 +338,19 @@ class MysqlStore(Store):
             connection.rollback()
         except pymysql.MySQLError as exc:
             logger.debug("Rolling back on %s failed: %s", self.display_url, exc)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Return whether a driver error comes from a socket timeout.
+
+    PyMySQL raises its OperationalError inside the handler of the socket's TimeoutError,
+    so the timeout is the error's context, or its `original_exception` for a connect.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, TimeoutError):
+            return True
+        seen.add(id(current))
+        current = getattr(current, "original_exception", None) or current.__cause__ or current.__context__
+    return False
