@@ -196,3 +196,41 @@ def test_cancel_racing_completion(tmp_path, redis_server, sqlite_url, start_supe
                 assert status == "completed", task_id
     finally:
         store.close()
+
+
+def test_instance_exclusion_survives_worker_crash(tmp_path, redis_server, start_supervisor):
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    overlaps = tmp_path / "overlaps.log"
+    runs = tmp_path / "runs.log"
+    # flock is released by the kernel when the holder dies, so a killed run cannot fake an overlap.
+    script = write_script(
+        tmp_path / "op.sh",
+        f'cat >/dev/null\nexec 9>"{locks}/$2"\nflock -n 9 || echo "$3" >> {overlaps}\n'
+        f'echo "$3 $2 $$" >> {runs}\nsleep 0.3\necho "{{}}"\n',
+    )
+    start_supervisor({"p": command_provider(script, concurrent=3)})
+    client = redis_server.client()
+    pushed: dict[str, list[str]] = {}
+    for index in range(24):
+        instance = f"vm-{index % 4}"
+        task_id = f"k-{index:02d}"
+        client.xadd("taskvisor:{p}:tasks", {"id": task_id, "type": "restart", "instance": instance, "user": "u"})
+        pushed.setdefault(instance, []).append(task_id)
+    for victim_number in range(2):
+        wait_for(lambda: len(runs.read_text().splitlines()) >= 4 + 6 * victim_number if runs.exists() else False,
+                 20, "tasks to be running")
+        owners = [int(fields["owner"].rsplit(":", 1)[1])
+                  for fields in (task_hash(client, "p", f"k-{i:02d}") for i in range(24)) if fields.get("status") == "running"]
+        os.kill(next(pid for pid in owners if psutil.pid_exists(pid)), 9)
+
+    all_ids = [task_id for ids in pushed.values() for task_id in ids]
+    wait_for(lambda: all(task_hash(client, "p", t).get("status") == "completed" for t in all_ids), 60, "every task")
+    assert not overlaps.exists()
+    first_starts: dict[str, list[str]] = {}
+    for line in runs.read_text().splitlines():
+        task_id, instance, _pid = line.split()
+        if task_id not in first_starts.setdefault(instance, []):
+            first_starts[instance].append(task_id)
+    assert first_starts == pushed
+    assert sum(int(task_hash(client, "p", t)["attempts"]) for t in all_ids) == 26

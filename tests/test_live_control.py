@@ -101,6 +101,9 @@ def test_shrink_lets_running_tasks_finish(started, redis_server, slow_script):
     wait_for(lambda: len(worker_processes(supervisor)) == 1, 5, "one worker left")
     rows = provider_rows(supervisor.config_path)
     assert (rows["p"]["target"], rows["p"]["workers"], rows["p"]["retiring"]) == (1, 1, 0)
+    family = psutil.Process(supervisor.process.pid).children(recursive=True)
+    assert supervisor.stop() == 0
+    assert [proc.pid for proc in family if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE] == []
 
 
 def test_rapid_resizes_settle_on_last(started, redis_server, slow_script):
