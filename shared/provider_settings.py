@@ -6,8 +6,8 @@ are provider keys of the config file (`maxConcurrentTasks`, `timeouts`, ...) plu
 any Redis client can write it. A field in the hash wins over the same key in the
 file; deleting the field returns to the file's value. Providers that exist only in
 Redis are listed in the set `<prefix>:providers`. After a change, a notice with the
-provider id on the channel `<prefix>:config` makes the supervisor apply it at once;
-without the notice it applies within a few seconds.
+provider id on the channel `<prefix>:config` makes the supervisor apply it at once.
+Without the notice, the change applies within a few seconds.
 """
 
 import copy

@@ -28,7 +28,7 @@ TYPE_NAMES = ", ".join(task_type.value for task_type in TaskType)
 
 
 class TaskSpec(msgspec.Struct, frozen=True):
-    """A validated task entry. `data` still holds secrets: it is for the driver only."""
+    """A validated task entry. `data` still contains secrets, so it is for the driver only."""
 
     id: str
     provider: str

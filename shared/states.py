@@ -34,8 +34,8 @@ TERMINAL_STATUSES = frozenset(
 )
 
 # Legal moves. `running -> running` is a takeover by another worker after the first
-# one lost its lease; `running -> pending` puts an interrupted task back in line for
-# redelivery (for example when a shutdown grace period runs out).
+# one lost its lease. `running -> pending` puts an interrupted task back in line for
+# redelivery, for example when a shutdown grace period runs out.
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.PENDING: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED}),
     TaskStatus.RUNNING: frozenset(

@@ -42,7 +42,7 @@ def _text(value: object) -> str:
 
 
 class StartResult:
-    """What happened when a worker tried to start a task: the reply of start.lua."""
+    """The reply of start.lua: whether the worker now owns the task, and why not."""
 
     def __init__(self, reply: list) -> None:
         self.outcome = _text(reply[0])

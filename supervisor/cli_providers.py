@@ -1,8 +1,8 @@
 """`taskvisor provider`: list providers and change their settings while they run.
 
 Changes go to the provider's settings hash in Redis, where they win over the config
-file, followed by a notice on the config channel; a running supervisor applies them
-within about a second (see shared/provider_settings.py).
+file. A notice on the config channel follows each change, and a running supervisor
+applies it within about a second (see shared/provider_settings.py).
 """
 
 from pathlib import Path

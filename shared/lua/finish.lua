@@ -1,9 +1,10 @@
 -- Move a task out of running for the worker that owns it.
 -- KEYS: task hash, event stream, instance hash, lease key, task stream, instance queue,
 --       busy hash.
--- ARGV: events maxlen, owner, new status, instance rule (a status, 'restore' or 'keep'),
---       instance rule after a cancel, consumer group, stream entry id, consumer to hand
---       the next task of the instance to ('' for none), then field/value pairs to set.
+-- ARGV: events maxlen, owner, new status, instance rule, instance rule after a cancel,
+--       consumer group, stream entry id, handoff consumer, then field/value pairs to set.
+--       An instance rule is a status, 'restore' or 'keep'. The handoff consumer gets the
+--       instance's next task; '' hands nothing over.
 -- A terminal status acknowledges and deletes the stream entry in the same step. A task
 -- put back to pending while a cancel is under way ends cancelled instead.
 -- Returns {'ok'}, {'ok', next entry id, next entry fields} when the instance's next

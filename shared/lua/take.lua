@@ -1,7 +1,7 @@
 -- Deliver the next new entry of a task stream to one consumer and, in the same atomic
--- step, append it to its instance's queue. Because delivery and queueing happen
--- together, every instance queue holds its entries in stream order, and a task can
--- start only when it is the first entry of its queue.
+-- step, append it to its instance's queue. Delivery and queueing happen together,
+-- so every instance queue keeps its entries in stream order. A task can start only
+-- when it is the first entry of its queue.
 -- KEYS: task stream.  ARGV: consumer group, consumer, instance queue key prefix.
 -- Returns {'entry', id, fields} or {'none', id of the newest entry, or '0-0'}.
 local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
