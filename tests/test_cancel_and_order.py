@@ -12,24 +12,9 @@ import pytest
 from shared.keys import Keys
 from shared.redaction import Redactor
 from shared.taskstate import TaskState
-from tests.harness import REPO, SupervisorProcess, command_provider, task_hash, wait_for, write_script
+from tests.harness import REPO, command_provider, task_hash, wait_for, write_script
 
 TERMINAL = {"completed", "failed", "timeout", "cancelled"}
-
-
-@pytest.fixture
-def start_supervisor(tmp_path, redis_server, sqlite_url):
-    started = []
-
-    def start(providers: dict, **settings) -> SupervisorProcess:
-        supervisor = SupervisorProcess(tmp_path, redis_server.url, sqlite_url, providers, **settings)
-        supervisor.start()
-        started.append(supervisor)
-        return supervisor
-
-    yield start
-    for supervisor in started:
-        supervisor.kill_all()
 
 
 def cli(config_path, *args: str) -> subprocess.CompletedProcess:
@@ -218,7 +203,7 @@ def test_instance_exclusion_survives_worker_crash(tmp_path, redis_server, start_
         client.xadd("taskvisor:{p}:tasks", {"id": task_id, "type": "restart", "instance": instance, "user": "u"})
         pushed.setdefault(instance, []).append(task_id)
     for victim_number in range(2):
-        wait_for(lambda: len(runs.read_text().splitlines()) >= 4 + 6 * victim_number if runs.exists() else False,
+        wait_for(lambda n=victim_number: runs.exists() and len(runs.read_text().splitlines()) >= 4 + 6 * n,
                  20, "tasks to be running")
         owners = [int(fields["owner"].rsplit(":", 1)[1])
                   for fields in (task_hash(client, "p", f"k-{i:02d}") for i in range(24)) if fields.get("status") == "running"]

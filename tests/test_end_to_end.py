@@ -6,7 +6,7 @@ import pytest
 
 from shared.store import open_store
 from tests.fixtures_redis import have_redis_cli
-from tests.harness import SupervisorProcess, command_provider, redis_cli_xadd, task_hash, wait_for, write_script
+from tests.harness import command_provider, redis_cli_xadd, task_hash, wait_for, write_script
 
 TERMINAL = {"completed", "failed", "timeout", "cancelled"}
 
@@ -41,25 +41,10 @@ def operation_script(tmp_path):
     )
 
 
-@pytest.fixture
-def supervisor_factory(tmp_path, redis_server):
-    started = []
-
-    def make(database_url: str, providers: dict, **settings) -> SupervisorProcess:
-        process = SupervisorProcess(tmp_path, redis_server.url, database_url, providers, **settings)
-        process.start()
-        started.append(process)
-        return process
-
-    yield make
-    for process in started:
-        process.kill_all()
-
-
-def test_redis_cli_batch_reaches_sql(store_url, redis_server, supervisor_factory, operation_script):
+def test_redis_cli_batch_reaches_sql(store_url, redis_server, start_supervisor, operation_script):
     have_redis_cli()
     providers = {"serial": command_provider(operation_script), "pool": command_provider(operation_script, concurrent=3)}
-    supervisor = supervisor_factory(store_url, providers)
+    supervisor = start_supervisor(providers, database_url=store_url)
     ids = {"serial": [], "pool": []}
     for index in range(6):
         redis_cli_xadd(redis_server.port, "taskvisor:{serial}:tasks",
@@ -93,9 +78,9 @@ def test_redis_cli_batch_reaches_sql(store_url, redis_server, supervisor_factory
     assert supervisor.stop() == 0
 
 
-def test_pending_visible_while_workers_busy(sqlite_url, redis_server, supervisor_factory, tmp_path):
+def test_pending_visible_while_workers_busy(sqlite_url, redis_server, start_supervisor, tmp_path):
     slow = write_script(tmp_path / "slow.sh", "cat >/dev/null\nsleep 3\n")
-    supervisor_factory(sqlite_url, {"serial": command_provider(slow)})
+    start_supervisor({"serial": command_provider(slow)}, database_url=sqlite_url)
     client = redis_server.client()
     client.xadd("taskvisor:{serial}:tasks", {"id": "first", "type": "start", "instance": "vm-1", "user": "u"})
     wait_for(lambda: task_hash(client, "serial", "first").get("status") == "running", 10, "the first task to run")
@@ -106,7 +91,7 @@ def test_pending_visible_while_workers_busy(sqlite_url, redis_server, supervisor
              1.0, "pending in SQL")
 
 
-def test_timeout_kills_process_group(sqlite_url, redis_server, supervisor_factory, tmp_path, operation_script):
+def test_timeout_kills_process_group(sqlite_url, redis_server, start_supervisor, tmp_path, operation_script):
     import psutil
 
     pids = tmp_path / "pids"
@@ -116,7 +101,7 @@ def test_timeout_kills_process_group(sqlite_url, redis_server, supervisor_factor
     )
     provider = command_provider(stubborn, timeouts={"start": 1}, kill_grace=0.5)
     provider["driver"]["commands"]["stop"] = [operation_script, "stop", "{instance}"]
-    supervisor_factory(sqlite_url, {"p": provider})
+    start_supervisor({"p": provider}, database_url=sqlite_url)
     client = redis_server.client()
     client.xadd("taskvisor:{p}:tasks", {"id": "stuck", "type": "start", "instance": "vm-1", "user": "u"})
     client.xadd("taskvisor:{p}:tasks", {"id": "after", "type": "stop", "instance": "vm-2", "user": "u"})
@@ -142,12 +127,12 @@ def test_timeout_kills_process_group(sqlite_url, redis_server, supervisor_factor
         ("reset", "running", "running"),
     ],
 )
-def test_failure_sets_instance_status(sqlite_url, redis_server, supervisor_factory, tmp_path, task_type, before, expected):
+def test_failure_sets_instance_status(sqlite_url, redis_server, start_supervisor, tmp_path, task_type, before, expected):
     script = write_script(
         tmp_path / "flaky.sh",
         'cat >/dev/null\nif [ "$3" = fail ]; then echo "disk image missing for $2" >&2; exit 7; fi\necho "{}"\n',
     )
-    supervisor_factory(sqlite_url, {"p": command_provider(script)})
+    start_supervisor({"p": command_provider(script)}, database_url=sqlite_url)
     client = redis_server.client()
     stream = "taskvisor:{p}:tasks"
     if before is not None:
@@ -188,14 +173,14 @@ INVALID_ENTRIES = [
 ]
 
 
-def test_invalid_entries_dead_lettered(sqlite_url, redis_server, supervisor_factory, operation_script):
+def test_invalid_entries_dead_lettered(sqlite_url, redis_server, start_supervisor, operation_script):
     client = redis_server.client()
     stream = "taskvisor:{p}:tasks"
     client.xadd(stream, {"id": "valid-0", "type": "start", "instance": "vm-0", "user": "u"})
     for index, (fields, _reason) in enumerate(INVALID_ENTRIES):
         client.xadd(stream, fields)
         client.xadd(stream, {"id": f"valid-{index + 1}", "type": "start", "instance": f"vm-{index}", "user": "u"})
-    supervisor_factory(sqlite_url, {"p": command_provider(operation_script, concurrent=2)})
+    start_supervisor({"p": command_provider(operation_script, concurrent=2)}, database_url=sqlite_url)
     valid_count = len(INVALID_ENTRIES) + 1
 
     wait_for(lambda: client.xlen("taskvisor:{p}:dead") == len(INVALID_ENTRIES), 20, "every invalid entry in the dead-letter stream")
@@ -213,11 +198,11 @@ def test_invalid_entries_dead_lettered(sqlite_url, redis_server, supervisor_fact
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
-def test_restart_mid_batch_loses_nothing(sqlite_url, redis_server, supervisor_factory, tmp_path, stop_signal):
+def test_restart_mid_batch_loses_nothing(sqlite_url, redis_server, start_supervisor, tmp_path, stop_signal):
     runs = tmp_path / "runs.log"
     script = write_script(tmp_path / "op.sh", f'cat >/dev/null\necho "$3" >> {runs}\nsleep 0.4\necho "{{}}"\n')
     providers = {"serial": command_provider(script), "pool": command_provider(script, concurrent=3)}
-    first = supervisor_factory(sqlite_url, providers, shutdownGrace=0.1)
+    first = start_supervisor(providers, shutdownGrace=0.1, database_url=sqlite_url)
     client = redis_server.client()
     ids = []
     for index in range(10):
@@ -233,7 +218,7 @@ def test_restart_mid_batch_loses_nothing(sqlite_url, redis_server, supervisor_fa
     else:
         assert first.stop(signal.SIGTERM) == 0
         assert "grace period over; stopping running tasks and returning them to pending" in first.log()
-    second = supervisor_factory(sqlite_url, providers)
+    second = start_supervisor(providers, database_url=sqlite_url)
 
     def all_completed() -> bool:
         return all(task_hash(client, provider, task_id).get("status") == "completed" for provider, task_id in ids)
@@ -247,14 +232,14 @@ def test_restart_mid_batch_loses_nothing(sqlite_url, redis_server, supervisor_fa
     assert second.stop() == 0
 
 
-def test_killed_worker_is_replaced(sqlite_url, redis_server, supervisor_factory, tmp_path):
+def test_killed_worker_is_replaced(sqlite_url, redis_server, start_supervisor, tmp_path):
     import os
 
     import psutil
 
     runs = tmp_path / "runs.log"
     script = write_script(tmp_path / "op.sh", f'cat >/dev/null\necho "$3 $$" >> {runs}\nsleep 4\necho "{{}}"\n')
-    supervisor = supervisor_factory(sqlite_url, {"p": command_provider(script)})
+    supervisor = start_supervisor({"p": command_provider(script)}, database_url=sqlite_url)
     client = redis_server.client()
     client.xadd("taskvisor:{p}:tasks", {"id": "victim", "type": "restart", "instance": "vm-1", "user": "u"})
     client.xadd("taskvisor:{p}:tasks", {"id": "behind", "type": "restart", "instance": "vm-2", "user": "u"})
@@ -276,7 +261,7 @@ def test_killed_worker_is_replaced(sqlite_url, redis_server, supervisor_factory,
     assert sorted(line.split()[0] for line in runs.read_text().splitlines()) == ["behind", "victim", "victim"]
 
 
-def test_abandoned_entry_claimed_after_rename(sqlite_url, redis_server, supervisor_factory, tmp_path, operation_script):
+def test_abandoned_entry_claimed_after_rename(sqlite_url, redis_server, start_supervisor, tmp_path, operation_script):
     client = redis_server.client()
     stream = "taskvisor:{p}:tasks"
     client.xgroup_create(stream, "workers", id="0", mkstream=True)
@@ -284,6 +269,6 @@ def test_abandoned_entry_claimed_after_rename(sqlite_url, redis_server, supervis
     # A consumer of a supervisor that ran under another name took the entry and vanished.
     client.xreadgroup("workers", "old-host-p-0", {stream: ">"}, count=1)
 
-    supervisor_factory(sqlite_url, {"p": command_provider(operation_script)})
+    start_supervisor({"p": command_provider(operation_script)}, database_url=sqlite_url)
     wait_for(lambda: task_hash(client, "p", "orphan").get("status") == "completed", 20, "the orphaned entry to run")
     assert client.xpending(stream, "workers")["pending"] == 0

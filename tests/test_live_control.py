@@ -41,21 +41,6 @@ def running_count(log_path) -> int:
 
 
 @pytest.fixture
-def started(tmp_path, redis_server, sqlite_url):
-    processes = []
-
-    def start(providers: dict) -> SupervisorProcess:
-        supervisor = SupervisorProcess(tmp_path, redis_server.url, sqlite_url, providers)
-        supervisor.start()
-        processes.append(supervisor)
-        return supervisor
-
-    yield start
-    for supervisor in processes:
-        supervisor.kill_all()
-
-
-@pytest.fixture
 def slow_script(tmp_path):
     log_path = tmp_path / "runs.log"
     script = write_script(
@@ -72,9 +57,9 @@ def push_backlog(client, provider: str, count: int, prefix: str = "t") -> list[s
     return ids
 
 
-def test_grow_during_backlog(started, redis_server, slow_script):
+def test_grow_during_backlog(start_supervisor, redis_server, slow_script):
     script, log_path = slow_script
-    supervisor = started({"p": command_provider(script)})
+    supervisor = start_supervisor({"p": command_provider(script)})
     client = redis_server.client()
     push_backlog(client, "p", 24)
     wait_for(lambda: running_count(log_path) == 1, 10, "the first task to run")
@@ -88,9 +73,9 @@ def test_grow_during_backlog(started, redis_server, slow_script):
     assert provider_rows(supervisor.config_path)["p"]["target"] == 4
 
 
-def test_shrink_lets_running_tasks_finish(started, redis_server, slow_script):
+def test_shrink_lets_running_tasks_finish(start_supervisor, redis_server, slow_script):
     script, log_path = slow_script
-    supervisor = started({"p": command_provider(script, concurrent=4)})
+    supervisor = start_supervisor({"p": command_provider(script, concurrent=4)})
     client = redis_server.client()
     ids = push_backlog(client, "p", 4)
     wait_for(lambda: running_count(log_path) == 4, 10, "four running tasks")
@@ -106,9 +91,9 @@ def test_shrink_lets_running_tasks_finish(started, redis_server, slow_script):
     assert [proc.pid for proc in family if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE] == []
 
 
-def test_rapid_resizes_settle_on_last(started, redis_server, slow_script):
+def test_rapid_resizes_settle_on_last(start_supervisor, redis_server, slow_script):
     script, log_path = slow_script
-    supervisor = started({"p": command_provider(script)})
+    supervisor = start_supervisor({"p": command_provider(script)})
     client = redis_server.client()
     ids = push_backlog(client, "p", 12)
     wait_for(lambda: running_count(log_path) == 1, 10, "the first task to run")
@@ -127,9 +112,9 @@ def test_rapid_resizes_settle_on_last(started, redis_server, slow_script):
     assert peak <= 4
 
 
-def test_pause_and_resume(started, redis_server, slow_script):
+def test_pause_and_resume(start_supervisor, redis_server, slow_script):
     script, log_path = slow_script
-    supervisor = started({"p": command_provider(script, concurrent=2)})
+    supervisor = start_supervisor({"p": command_provider(script, concurrent=2)})
     client = redis_server.client()
     result = cli(supervisor.config_path, "provider", "pause", "p")
     assert result.returncode == 0
@@ -143,9 +128,9 @@ def test_pause_and_resume(started, redis_server, slow_script):
     wait_for(lambda: all(task_hash(client, "p", t).get("status") == "completed" for t in ids), 15, "the tasks to run")
 
 
-def test_add_and_remove_provider(started, redis_server, slow_script, tmp_path):
+def test_add_and_remove_provider(start_supervisor, redis_server, slow_script, tmp_path):
     script, log_path = slow_script
-    supervisor = started({"p": command_provider(script)})
+    supervisor = start_supervisor({"p": command_provider(script)})
     client = redis_server.client()
     driver = orjson.dumps(command_provider(script)["driver"]).decode()
     added = cli(supervisor.config_path, "provider", "add", "extra", f"driver={driver}", "allowConcurrentTasks=true",
@@ -162,9 +147,9 @@ def test_add_and_remove_provider(started, redis_server, slow_script, tmp_path):
     assert "supervisor stopped" not in supervisor.log()
 
 
-def test_file_reload_and_precedence(started, redis_server, slow_script):
+def test_file_reload_and_precedence(start_supervisor, redis_server, slow_script):
     script, _log_path = slow_script
-    supervisor = started({"p": command_provider(script, concurrent=2)})
+    supervisor = start_supervisor({"p": command_provider(script, concurrent=2)})
     wait_for(lambda: len(worker_processes(supervisor)) == 2, 5, "two workers")
 
     assert cli(supervisor.config_path, "provider", "set", "p", "maxConcurrentTasks=1").returncode == 0
@@ -184,9 +169,9 @@ def test_file_reload_and_precedence(started, redis_server, slow_script):
     wait_for(lambda: len(worker_processes(supervisor)) == 2, 5, "the edited file without a signal")
 
 
-def test_invalid_settings_rejected(started, slow_script):
+def test_invalid_settings_rejected(start_supervisor, slow_script):
     script, _log_path = slow_script
-    supervisor = started({"p": command_provider(script)})
+    supervisor = start_supervisor({"p": command_provider(script)})
     bad = cli(supervisor.config_path, "provider", "set", "p", "maxConcurrentTasks=-3")
     assert bad.returncode != 0
     assert "not changed" in bad.stderr

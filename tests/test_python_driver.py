@@ -3,22 +3,15 @@
 import psutil
 import pytest
 
-from tests.harness import SupervisorProcess, task_hash, wait_for
+from tests.harness import task_hash, wait_for
 
 
 @pytest.fixture
-def run_provider(tmp_path, redis_server, sqlite_url):
-    started = []
+def run_provider(start_supervisor):
+    def start(driver: dict, **provider: object):
+        return start_supervisor({"py": {"driver": driver, **provider}})
 
-    def start(driver: dict, **provider: object) -> SupervisorProcess:
-        supervisor = SupervisorProcess(tmp_path, redis_server.url, sqlite_url, {"py": {"driver": driver, **provider}})
-        supervisor.start()
-        started.append(supervisor)
-        return supervisor
-
-    yield start
-    for supervisor in started:
-        supervisor.kill_all()
+    return start
 
 
 def test_python_driver_result_and_errors(run_provider, redis_server):
