@@ -32,7 +32,7 @@ class Keys:
 
     def history(self, provider: str, task_id: str) -> str:
         """List of the task's state changes and progress reports as JSON, the last 100."""
-        return f"{self.task(provider, task_id)}:history"
+        return f"{self.prefix}:{{{provider}}}:history:{task_id}"
 
     def events(self, provider: str) -> str:
         """Stream of state changes, one entry per change, in order."""

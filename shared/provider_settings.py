@@ -46,12 +46,15 @@ def parse_value(name: str, text: str) -> Any:
         allowed = ", ".join(PROVIDER_KEYS + STATE_KEYS)
         raise ConfigError(f"{SOURCE}: unknown key '{name}'; allowed: {allowed}")
     try:
-        return orjson.loads(text)
+        value = orjson.loads(text)
     except orjson.JSONDecodeError:
         raise ConfigError(
             f"{SOURCE}: value of '{name}' is not JSON ({text[:80]!r}): write numbers and true/false bare, "
             f"and mappings as JSON objects"
         ) from None
+    if name in STATE_KEYS and not isinstance(value, bool):
+        raise ConfigError(f"{SOURCE}: value of '{name}' must be true or false, got {text[:80]!r}")
+    return value
 
 
 def read_overrides(client: redis.Redis, keys: Keys, file_providers: list[str]) -> tuple[dict[str, dict], dict[str, str]]:

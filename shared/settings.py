@@ -7,6 +7,7 @@ An invalid file raises ConfigError naming the key, the value and what is allowed
 """
 
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -108,11 +109,25 @@ class SupervisorConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=Tru
     lease_seconds: Annotated[float, msgspec.Meta(ge=3, le=3600)] = 15.0
 
 
+class HealthConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
+    # false: no monitor process and no HTTP endpoint
+    enabled: bool = True
+    # IP address the HTTP endpoint listens on; a non-loopback one needs allowNonLoopback
+    address: str = "127.0.0.1"
+    # TCP port; 0 lets the kernel choose a free port, which the monitor logs at start
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9180
+    # true: allow an address other than 127.0.0.0/8 or ::1 (the endpoint has no authentication)
+    allow_non_loopback: bool = False
+    # seconds without a heartbeat after which a process counts as stalled; processes beat every second
+    heartbeat_timeout: Annotated[float, msgspec.Meta(ge=2, le=3600)] = 5.0
+
+
 class Config(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
     providers: dict[str, Any] = {}
     redis: RedisConfig = RedisConfig()
     database: DatabaseConfig = DatabaseConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    health: HealthConfig = HealthConfig()
     # field names whose values are replaced by *** in SQL, events, logs and CLI output,
     # on top of password, passwd, secret and token
     secret_fields: list[str] = []
@@ -315,6 +330,27 @@ def _check_database_url(url: str, subject: str) -> None:
         raise ConfigError(f"{subject} (value {_masked_url(url)!r}): expected one of these forms: {DATABASE_URL_FORMS}")
 
 
+def _check_health(health: HealthConfig, source: str) -> None:
+    """Raise ConfigError unless `health.address` is an IP address that may be used.
+
+    The endpoint has no authentication, so an address outside loopback needs
+    `allowNonLoopback: true`. Only the text is checked here, and nothing is bound.
+    """
+    try:
+        address = ipaddress.ip_address(health.address)
+    except ValueError:
+        raise ConfigError(
+            f"{source}: invalid value at health.address (value {health.address!r}): "
+            f"expected an IP address such as 127.0.0.1 or ::1"
+        ) from None
+    if not address.is_loopback and not health.allow_non_loopback:
+        raise ConfigError(
+            f"{source}: invalid value at health.address (value {health.address!r}): the health endpoint has no "
+            f"authentication, so by default it listens only on loopback addresses (127.0.0.1, ::1); to listen on "
+            f"{health.address}, set health.allowNonLoopback: true and let only trusted networks reach the port"
+        )
+
+
 def _check_driver(provider: str, driver: DriverConfig, source: str) -> None:
     location = f"providers.{provider}.driver"
     if driver.type == "command":
@@ -377,6 +413,7 @@ def parse_config(raw: Any, source: str, base_dir: str) -> Config:
         raise ConfigError(f"{source}: 'providers' must be a mapping of provider id to settings")
     _check_redis_url(config.redis.url, f"{source}: invalid value at redis.url")
     _check_database_url(config.database.url, f"{source}: invalid value at database.url")
+    _check_health(config.health, source)
 
     providers = {str(name): parse_provider(str(name), value, source) for name, value in config.providers.items()}
     supervisor = config.supervisor

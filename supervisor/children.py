@@ -17,6 +17,8 @@ from collections.abc import Callable
 import msgspec
 import psutil
 
+from shared import heartbeat
+from shared.heartbeat import NO_SLOT, HeartbeatTable
 from shared.logs import set_role
 from shared.process import die_with_parent
 from worker.main import EXIT_BOOT_FAILURE
@@ -38,6 +40,8 @@ class Child(msgspec.Struct):
     started: float = 0.0
     # Why the child was told to exit: "" (it was not), "resize", "restart" or "remove".
     retiring: str = ""
+    # Index of the child's slot in the heartbeat table.
+    heartbeat_slot: int = NO_SLOT
 
     @property
     def key(self) -> ChildKey:
@@ -45,9 +49,12 @@ class Child(msgspec.Struct):
 
 
 class Children:
-    def __init__(self, supervisor_pid: int, close_in_child: Callable[[], None]) -> None:
+    def __init__(
+        self, supervisor_pid: int, close_in_child: Callable[[], None], heartbeats: HeartbeatTable | None = None
+    ) -> None:
         self.supervisor_pid = supervisor_pid
         self.close_in_child = close_in_child
+        self.heartbeats = heartbeats
         self.by_pid: dict[int, Child] = {}
         # key -> (monotonic time before which it is not respawned, current delay)
         self.respawn_after: dict[ChildKey, tuple[float, float]] = {}
@@ -58,13 +65,23 @@ class Children:
 
     def fork(self, key: ChildKey, target: Callable[[], int], role_name: str) -> None:
         role, provider, slot = key
-        pid = os.fork()
+        heartbeat_slot = self.heartbeats.assign(role, provider, slot) if self.heartbeats is not None else NO_SLOT
+        try:
+            pid = os.fork()
+        except OSError:
+            if self.heartbeats is not None:
+                self.heartbeats.cancel(heartbeat_slot)
+            raise
         if pid == 0:
-            self._run_child(target, role_name)
-        self.by_pid[pid] = Child(pid=pid, role=role, provider=provider, slot=slot, started=time.monotonic())
+            self._run_child(target, role_name, heartbeat_slot)
+        if self.heartbeats is not None:
+            self.heartbeats.set_pid(heartbeat_slot, pid)
+        self.by_pid[pid] = Child(
+            pid=pid, role=role, provider=provider, slot=slot, started=time.monotonic(), heartbeat_slot=heartbeat_slot
+        )
         log.debug("child started role=%s provider=%s slot=%d pid=%d", role, provider or "-", slot, pid)
 
-    def _run_child(self, target: Callable[[], int], role_name: str) -> None:
+    def _run_child(self, target: Callable[[], int], role_name: str, heartbeat_slot: int) -> None:
         code = 1
         try:
             signal.set_wakeup_fd(-1)
@@ -72,6 +89,7 @@ class Children:
                 signal.signal(signum, signal.SIG_DFL)
             self.close_in_child()
             set_role(role_name)
+            heartbeat.attach(self.heartbeats, heartbeat_slot)
             die_with_parent()
             if os.getppid() != self.supervisor_pid:
                 # The supervisor died before the request above took effect.
@@ -142,6 +160,8 @@ class Children:
             child = self.by_pid.pop(pid, None)
             if child is None:
                 continue
+            if self.heartbeats is not None:
+                self.heartbeats.release(child.heartbeat_slot, status, self.stopping or bool(child.retiring))
             self._log_exit(child, status)
             self._schedule_respawn(child, status)
             ended.append(child)

@@ -10,6 +10,7 @@ from shared.logs import setup_logging
 from shared.redaction import redact_url
 from shared.settings import Config, apply_overrides, load_config
 from supervisor.cli_common import connection_options, fail, store_call
+from supervisor.cli_health import health
 from supervisor.cli_providers import provider
 from supervisor.cli_stats import stats
 from supervisor.cli_tasks import cancel, get, list_tasks, submit
@@ -101,6 +102,7 @@ cli.add_command(list_tasks)
 cli.add_command(cancel)
 cli.add_command(provider)
 cli.add_command(stats)
+cli.add_command(health)
 
 
 def main() -> None:

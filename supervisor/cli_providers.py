@@ -73,13 +73,15 @@ def _check(config: Config, config_path: str | None, provider_id: str, changes: d
     client = open_redis(config)
     keys = Keys(config.redis.prefix)
     file_providers = _file_providers(config, config_path)
-    overrides, _errors = read_overrides(client, keys, list(file_providers))
+    overrides, _errors = _redis_call(config, lambda: read_overrides(client, keys, list(file_providers)))
     if must_exist and provider_id not in file_providers and provider_id not in overrides:
         known = ", ".join(sorted(set(file_providers) | set(overrides))) or "none"
         fail(f"unknown provider '{provider_id}': known providers are {known}; add one with `taskvisor provider add`")
     merged = {**overrides.get(provider_id, {}), **changes}
     for name in remove:
         merged.pop(name, None)
+    if "driver" not in merged and "driver" not in (file_providers.get(provider_id) or {}):
+        fail(f"provider '{provider_id}' has no driver: pass driver='{{\"type\": \"command\", \"commands\": {{...}}}}'")
     try:
         return merge_provider(provider_id, file_providers.get(provider_id), merged)
     except ConfigError as exc:
@@ -143,7 +145,7 @@ def list_providers(config: Config, config_path: str | None, as_json: bool) -> No
         return
     click.echo(f"{'PROVIDER':16} {'MODE':10} {'TARGET':>6} {'WORKERS':>7} {'BUSY':>4} {'QUEUED':>6} {'PAUSED':6} {'SOURCE':10} ERROR")
     for row in rows:
-        mode = "concurrent" if row["allowConcurrentTasks"] else "serial"
+        mode = "-" if row["allowConcurrentTasks"] is None else ("concurrent" if row["allowConcurrentTasks"] else "serial")
         workers = f"{row['workers']}" + (f"+{row['retiring']}" if row["retiring"] else "")
         click.echo(
             f"{row['provider']:16} {mode:10} {row['target'] if row['target'] is not None else '-':>6} {workers:>7} "
@@ -173,8 +175,8 @@ def set_provider(config: Config, config_path: str | None, provider_id: str, assi
 def unset_provider(config: Config, config_path: str | None, provider_id: str, names: tuple[str, ...]) -> None:
     """Drop settings set in Redis, so the config file's values apply again."""
     for name in names:
-        if name not in PROVIDER_KEYS:
-            fail(f"unknown key '{name}'; allowed: {', '.join(PROVIDER_KEYS)}")
+        if name not in PROVIDER_KEYS and name != "paused":
+            fail(f"unknown key '{name}'; allowed: {', '.join(PROVIDER_KEYS)}, paused")
     settings = _check(config, config_path, provider_id, {}, remove=names)
     _redis_call(config, lambda: _write(open_redis(config), Keys(config.redis.prefix), provider_id, {}, remove=names))
     workers = settings.group_size if settings else 0
@@ -192,8 +194,6 @@ def add_provider(config: Config, config_path: str | None, provider_id: str, assi
     changes = _parse_assignments(assignments)
     changes["removed"] = False
     settings = _check(config, config_path, provider_id, changes, must_exist=False)
-    if settings is None:
-        fail(f"provider '{provider_id}' has no driver: pass driver='{{\"type\": \"command\", \"commands\": {{...}}}}'")
     _redis_call(config, lambda: _write(open_redis(config), Keys(config.redis.prefix), provider_id, changes, add_to_set=True))
     click.echo(f"{provider_id}: added; workers: {settings.group_size} (applies within 2 s)")
 

@@ -13,6 +13,7 @@ from shared.settings import Config
 from shared.states import TaskStatus, TaskType
 from shared.store import Store
 from supervisor.cli_common import connection_options, open_redis, store_call
+from supervisor.status import read_statuses
 
 RUN_TIME_WINDOW_SECONDS = 24 * 3600
 ERROR_RATE_WINDOW_SECONDS = 3600
@@ -119,18 +120,25 @@ def _read_queues(config: Config) -> dict[str, dict[str, int]] | None:
     try:
         client = open_redis(config)
         try:
-            for provider, settings in sorted(config.providers.items()):
+            # Worker counts come from the running supervisors, which know about resizes,
+            # pauses and providers added through Redis; with none running there are no workers.
+            running: dict[str, int] = {}
+            for status in read_statuses(client, keys):
+                for provider, group in status.get("providers", {}).items():
+                    running[provider] = running.get(provider, 0) + group.get("workers", 0)
+            for provider in sorted(set(config.providers) | set(running)):
                 # MULTI makes both reads see the same moment. It is legal on a cluster too,
                 # because both keys share the provider's hash slot.
                 pipeline = client.pipeline(transaction=True)
                 pipeline.xlen(keys.tasks(provider))
                 pipeline.hlen(keys.busy(provider))
                 stream_length, busy = pipeline.execute()
+                workers = running.get(provider, 0)
                 queues[provider] = {
                     "queued": max(stream_length - busy, 0),
                     "busy": busy,
-                    "idle": max(settings.group_size - busy, 0),
-                    "workers": settings.group_size,
+                    "idle": max(workers - busy, 0),
+                    "workers": workers,
                 }
         finally:
             client.close()

@@ -1,5 +1,6 @@
 """Task commands of the `taskvisor` command line: submit, get, list, cancel."""
 
+import sys
 import time
 from datetime import UTC, datetime
 
@@ -9,6 +10,7 @@ import redis
 
 from shared.errors import InvalidEntry
 from shared.keys import Keys
+from shared.provider_settings import providers_set_key
 from shared.redaction import redact_url
 from shared.schema import parse_entry
 from shared.settings import Config
@@ -48,9 +50,7 @@ SQL_TO_HASH_FIELDS = {
 @click.option("--id", "task_id", default="", help="Task id (1-64 of A-Za-z0-9._:-); derived from the stream entry when omitted.")
 def submit(config: Config, provider, task_type, instance, user, data, timeout, task_id) -> None:
     """Push one task into a provider's stream and print its id."""
-    if config.providers and provider not in config.providers:
-        known = ", ".join(sorted(config.providers))
-        fail(f"unknown provider '{provider}': the config defines {known}")
+    _check_provider(config, provider)
     driver = config.providers[provider].driver if provider in config.providers else None
     if driver is not None and driver.type == "command" and task_type not in driver.commands:
         fail(f"task not submitted: provider '{provider}' has no command for task type '{task_type}'; "
@@ -123,6 +123,22 @@ def get(config: Config, task_id: str, as_json: bool) -> None:
             click.echo(f"  {item['at']}  {item.get('status', ''):10} {progress:5.1f}%  {item.get('message') or ''}")
 
 
+def _check_provider(config: Config, provider: str) -> None:
+    """Fail unless the provider is in the config file or was added through Redis.
+
+    Without providers in the config there is nothing to check against, so any id passes.
+    """
+    if not config.providers or provider in config.providers:
+        return
+    try:
+        if open_redis(config).sismember(providers_set_key(Keys(config.redis.prefix)), provider):
+            return
+    except redis.RedisError:
+        pass
+    known = ", ".join(sorted(config.providers))
+    fail(f"unknown provider '{provider}': the config defines {known}, and Redis adds none of that name")
+
+
 def _epoch(moment: datetime | None) -> float | None:
     """Return a naive datetime from the command line, taken as UTC, in epoch seconds."""
     return None if moment is None else moment.replace(tzinfo=UTC).timestamp()
@@ -150,8 +166,8 @@ def _remaining_seconds(task: dict) -> float | None:
 def list_tasks(config: Config, status, provider, user, instance, task_type, created_from, created_until, limit, before,
                as_json) -> None:
     """List tasks from the SQL table, newest first."""
-    if provider and config.providers and provider not in config.providers:
-        fail(f"unknown provider '{provider}': the config defines {', '.join(sorted(config.providers))}")
+    if provider:
+        _check_provider(config, provider)
     rows = store_call(
         config,
         lambda store: store.list_tasks(status=status, provider=provider, user=user, instance=instance,
@@ -181,20 +197,33 @@ def _print_task_table(rows: list[dict]) -> None:
 
 
 
+# Exit codes of `taskvisor cancel` beyond 0 (cancelled) and 1 (rejected).
+EXIT_ENDED_OTHERWISE = 3
+EXIT_STILL_CANCELLING = 4
+
+
 @click.command()
 @connection_options(uses_database=False)
 @click.argument("task_id")
 @click.option("--user", default="", help="Cancel as this user: only the user's own tasks. Without it, as an administrator.")
 @click.option("--reason", default="", help="Why the task is cancelled; stored on the task.")
+@click.option("--provider", "provider_id", default="",
+              help="Provider of the task; needed only for a task that no supervisor has registered yet.")
 @click.option("--wait", "wait_seconds", default=10.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds to wait for a running task to end; 0 returns at once.")
-def cancel(config: Config, task_id: str, user: str, reason: str, wait_seconds: float) -> None:
-    """Cancel a task: a pending one never starts, a running one is stopped."""
+def cancel(config: Config, task_id: str, user: str, reason: str, provider_id: str, wait_seconds: float) -> None:
+    """Cancel a task: a pending one never starts, a running one is stopped.
+
+    Exit codes: 0 cancelled (or the request is stored for a task not registered yet),
+    1 rejected, 3 the task ended another way before it could be stopped, 4 still
+    cancelling when --wait ran out.
+    """
     state = task_state(config)
     try:
-        provider = state.locate(task_id)
+        provider = provider_id or state.locate(task_id)
         if provider is None:
-            fail(f"task '{task_id}' not found in Redis: check the id (taskvisor list shows recent ones)")
+            fail(f"task '{task_id}' not found in Redis: check the id, or pass --provider for a task that "
+                 f"no supervisor has registered yet")
         reply = state.cancel(provider, task_id, user=user, reason=reason)
         if reply[0] in ("cancelling", "queued"):
             state.client.publish(state.keys.cancel_channel(), f"{provider} {task_id}")
@@ -217,8 +246,11 @@ def cancel(config: Config, task_id: str, user: str, reason: str, wait_seconds: f
     status = _wait_for_end(state, provider, task_id, wait_seconds)
     if status is None:
         click.echo(f"{task_id} is still cancelling after {wait_seconds:g} s; see taskvisor get {task_id}")
-    else:
-        click.echo(f"{task_id} {status}")
+        sys.exit(EXIT_STILL_CANCELLING)
+    click.echo(f"{task_id} {status}")
+    if status != TaskStatus.CANCELLED:
+        click.echo(f"{task_id} ended as {status} before it could be stopped", err=True)
+        sys.exit(EXIT_ENDED_OTHERWISE)
 
 
 def _wait_for_end(state, provider: str, task_id: str, seconds: float) -> str | None:

@@ -16,6 +16,7 @@ import time
 
 import redis
 
+from shared import heartbeat
 from shared.errors import InvalidEntry
 from shared.keys import Keys
 from shared.redaction import Redactor
@@ -56,6 +57,7 @@ class Intake:
         backoff = 0.5
         self.pubsub = None
         while not self.stopping and self.streams:
+            heartbeat.beat()
             try:
                 if self.pubsub is None:
                     self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
@@ -66,6 +68,7 @@ class Intake:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable in intake retry_in=%.1fs error=%s", backoff, exc)
                 self.pubsub = None
+                heartbeat.beat(pause=backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         log.info("intake stopped pid=%d", os.getpid())

@@ -35,6 +35,8 @@ class ConfigWatcher:
         self.reload_requested = False
         self.pubsub = None
         self.errors: dict[str, str] = {}
+        # The last error of the config file, logged once until it changes.
+        self.file_error = ""
 
     def _file_stamp(self) -> tuple[float, int] | None:
         if self.config_path is None:
@@ -85,8 +87,13 @@ class ConfigWatcher:
             base = apply_overrides(load_config(self.config_path), self.redis_url, self.database_url)
             document = read_config_document(Path(self.config_path)) if self.config_path else {}
         except ConfigError as exc:
-            log.error("config file not applied; the running settings stay error=%s", exc)
+            if str(exc) != self.file_error:
+                self.file_error = str(exc)
+                log.error("config file not applied; the running settings stay error=%s", exc)
             return None
+        if self.file_error:
+            log.info("config file valid again path=%s", self.config_path)
+            self.file_error = ""
         file_providers = document.get("providers") or {}
         keys = Keys(base.redis.prefix)
         overrides, read_errors = read_overrides(client, keys, list(file_providers))

@@ -1,7 +1,8 @@
 """The supervisor: the parent process that forks and watches every other process.
 
 It forks one group of workers per provider, plus an intake process (makes new tasks
-visible as pending) and a mirror process (copies state changes into SQL). The
+visible as pending), a mirror process (copies state changes into SQL) and, unless
+`health.enabled` is false, a monitor process (the HTTP health endpoint). The
 supervisor itself stays single-threaded and never runs a task: its loop waits for a
 signal or a one-second tick, then runs named steps. Signal handlers only record the
 signal; the loop acts on it.
@@ -17,6 +18,7 @@ import msgspec
 import redis
 
 from shared.errors import TaskvisorError
+from shared.heartbeat import HeartbeatTable
 from shared.keys import WORKER_GROUP, Keys
 from shared.redaction import redact_url
 from shared.redis_client import connect, ensure_group
@@ -27,6 +29,7 @@ from supervisor.checks import warn_about_commands, warn_about_unknown_streams
 from supervisor.intake import intake_main
 from supervisor.live_config import ConfigWatcher
 from supervisor.mirror import mirror_main
+from supervisor.monitor import monitor_main
 from supervisor.recovery import reassign_orphans
 from supervisor.status import publish_status
 from worker.drivers.reaping import enable_child_subreaper
@@ -56,7 +59,9 @@ class Supervisor:
         self.wakeup_read, self.wakeup_write = os.pipe()
         os.set_blocking(self.wakeup_read, False)
         os.set_blocking(self.wakeup_write, False)
-        self.children = Children(self.pid, self._close_in_child)
+        # Created before the first fork, so that every child shares it.
+        self.heartbeats = HeartbeatTable(exit_record_seconds=max(60.0, config.health.heartbeat_timeout))
+        self.children = Children(self.pid, self._close_in_child, self.heartbeats)
 
     def _close_in_child(self) -> None:
         os.close(self.wakeup_read)
@@ -111,6 +116,7 @@ class Supervisor:
             redact_url(self.config.redis.url), redact_url(self.config.database.url), os.getpid(),
         )  # fmt: skip
         while not self.stopping:
+            self.heartbeats.beat_supervisor(self.stopping)
             self.reconcile_children()
             self.wait_for_wakeup(TICK_SECONDS)
             self.handle_signals()
@@ -150,6 +156,8 @@ class Supervisor:
 
     def wanted_children(self) -> list[ChildKey]:
         wanted: list[ChildKey] = [("intake", "", 0), ("mirror", "", 0)]
+        if self.config.health.enabled:
+            wanted.append(("monitor", "", 0))
         for provider, settings in self.config.providers.items():
             wanted += [("worker", provider, slot) for slot in range(settings.group_size)]
         return wanted
@@ -166,6 +174,8 @@ class Supervisor:
             self.children.fork(key, lambda: worker_main(self.config, provider, slot), f"worker:{provider}:{slot}")
         elif role == "intake":
             self.children.fork(key, lambda: intake_main(self.config), "intake")
+        elif role == "monitor":
+            self.children.fork(key, lambda: monitor_main(self.config, self.heartbeats), "monitor")
         else:
             self.children.fork(key, lambda: mirror_main(self.config), "mirror")
 
@@ -241,6 +251,7 @@ class Supervisor:
         With `until_cold_stop`, a second SIGTERM or Ctrl-C also ends the wait.
         """
         while True:
+            self.heartbeats.beat_supervisor(self.stopping)
             self.reap_children()
             if self.children.count(role) == 0:
                 return True
@@ -266,7 +277,7 @@ class Supervisor:
                 self.wait_for_children("worker", time.monotonic() + 5)
         log.info("workers stopped")
 
-        log.info("stopping intake and mirror")
+        log.info("stopping intake, mirror and monitor")
         self.children.signal_all(None, signal.SIGTERM)
         if not self.wait_for_children(None, time.monotonic() + SERVICE_STOP_SECONDS):
             self.children.signal_all(None, signal.SIGKILL)

@@ -14,6 +14,7 @@ import time
 
 import redis
 
+from shared import heartbeat
 from shared.errors import StoreError
 from shared.keys import MIRROR_GROUP, Keys
 from shared.redis_client import connect, ensure_group
@@ -108,27 +109,32 @@ class Mirror:
         backoff = 0.5
         own_pending = True
         while self.streams:
+            heartbeat.beat()
             try:
                 for stream in self.streams:
                     ensure_group(self.client, stream, MIRROR_GROUP)
                 break
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable in mirror retry_in=%.1fs error=%s", backoff, exc)
+                heartbeat.beat(pause=backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
         while self.streams:
+            heartbeat.beat(tasks_done=self.written)
             try:
                 count = self.pass_once(own_pending)
                 backoff = 0.5
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable in mirror retry_in=%.1fs error=%s", backoff, exc)
+                heartbeat.beat(pause=backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 own_pending = True
                 continue
             except StoreError as exc:
                 log.warning("database write failed; events kept in redis retry_in=%.1fs error=%s", backoff, exc)
+                heartbeat.beat(pause=backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 own_pending = True

@@ -1,6 +1,7 @@
 """A real supervisor in a child process, driven the way an operator would drive it."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,9 +49,16 @@ def command_provider(script: str, concurrent: int = 0, timeouts: dict | None = N
 
 
 class SupervisorProcess:
-    """`taskvisor supervise` as a subprocess with its log in a file."""
+    """`taskvisor supervise` as a subprocess with its log in a file.
 
-    def __init__(self, tmp_path: Path, redis_url: str, database_url: str, providers: dict, **supervisor: object) -> None:
+    The health endpoint is off unless `health` is given. Its settings then default to
+    port 0, a free port, which `health_url` reads from the log.
+    """
+
+    def __init__(
+        self, tmp_path: Path, redis_url: str, database_url: str, providers: dict, health: dict | None = None,
+        **supervisor: object,
+    ) -> None:  # fmt: skip
         self.tmp_path = tmp_path
         self.config_path = tmp_path / "taskvisor.yaml"
         self.log_path = tmp_path / "supervisor.log"
@@ -59,6 +67,7 @@ class SupervisorProcess:
             "database": {"url": database_url},
             "supervisor": {"name": "test", "shutdownGrace": 5, "leaseSeconds": 3, **supervisor},
             "providers": providers,
+            "health": {"enabled": False} if health is None else {"port": 0, **health},
         }
         self.config_path.write_text(yaml.safe_dump(document))
         self.redis_url = redis_url
@@ -104,6 +113,15 @@ class SupervisorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def health_url(self, timeout: float = 10) -> str:
+        """Wait for the monitor's start line and return the URL it logged last."""
+
+        def logged_url() -> str | None:
+            found = re.findall(r"health endpoint listening url=(\S+)", self.log())
+            return found[-1] if found else None
+
+        return wait_for(logged_url, timeout, "the health endpoint to listen")
 
 
 def task_hash(client: redis.Redis, provider: str, task_id: str) -> dict[str, str]:

@@ -142,7 +142,7 @@ def test_cancel_while_supervisor_down(tmp_path, redis_server, start_supervisor):
     client = redis_server.client()
     client.xadd("taskvisor:{p}:tasks", {"id": "early", "type": "start", "instance": "vm-1", "user": "dana"})
     # A producer in another language: the request goes into the task hash, then a notice.
-    client.hset("taskvisor:{p}:task:early", mapping={"cancel_user": "dana", "cancel_reason": "not needed"})
+    client.hset("taskvisor:{p}:task:early", mapping={"cancel_request_user": "dana", "cancel_request_reason": "not needed"})
     client.publish("taskvisor:cancel", "p early")
     client.xadd("taskvisor:{p}:tasks", {"id": "later", "type": "stop", "instance": "vm-1", "user": "dana"})
 

@@ -9,6 +9,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from shared.keys import Keys
+from supervisor.status import status_key
 from shared.store import InstanceRecord, TaskRecord, open_store
 from supervisor.cli_stats import nearest_rank, stats
 from tests.harness import command_provider, write_script
@@ -82,7 +83,14 @@ def filled_redis(redis_server) -> str:
     for n in range(3):
         client.xadd(keys.tasks("pve-2"), {"type": "stop", "instance": f"vm-{n}", "user": "bob"})
     client.hset(keys.busy("pve-2"), mapping={"vm-pve-2-0:200": "a 1.0", "vm-pve-2-1:201": "b 1.0"})
+    write_supervisor_status(client, {"pve-1": 3, "pve-2": 1, "pve-3": 1})
     return redis_server.url
+
+
+def write_supervisor_status(client, workers: dict[str, int]) -> None:
+    """Write the status record a running supervisor keeps, with these live worker counts."""
+    providers = {provider: {"target": count, "workers": count, "retiring": 0} for provider, count in workers.items()}
+    client.set(status_key(Keys(), "vm"), orjson.dumps({"name": "vm", "providers": providers}))
 
 
 def run_stats(config_file: Path, database_url: str, redis_url: str, *extra: str) -> Result:
@@ -176,6 +184,7 @@ def test_stats_empty_database(config_file: Path, sqlite_url: str, redis_server) 
     with open_store(sqlite_url) as store:
         store.init_schema()
 
+    write_supervisor_status(redis_server.client(), {"pve-1": 3})
     result = run_stats(config_file, sqlite_url, redis_server.url)
 
     assert result.exit_code == 0, result.output

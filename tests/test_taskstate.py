@@ -204,7 +204,7 @@ def test_stored_cancel_request(client):
     state = make_state(client)
     spec = push(client, "p", id="s1", type="restart", instance="vm-1", user="carol")
     # A producer in another language stores the request before the task is registered.
-    client.hset(KEYS.task("p", "s1"), mapping={"cancel_user": "carol", "cancel_reason": "duplicate order"})
+    client.hset(KEYS.task("p", "s1"), mapping={"cancel_request_user": "carol", "cancel_request_reason": "duplicate order"})
     assert state.admit(spec, 300) in (b"cancel_requested", "cancel_requested")
     assert state.start(spec, 300, "w1", 5000).outcome == "cancel_requested"
     assert state.cancel("p", "s1", stored=True) == ["cancelled"]

@@ -18,6 +18,7 @@ import time
 import orjson
 import redis
 
+from shared import heartbeat
 from shared.errors import DriverError, InvalidEntry
 from shared.keys import WORKER_GROUP, Keys
 from shared.redaction import Redactor
@@ -29,7 +30,7 @@ from shared.taskstate import TaskState
 from worker.drivers import load_driver
 from worker.drivers.base import TaskContext
 from worker.executor import Outcome, run_task
-from worker.watchers import CancelWatcher, CurrentTask, renew_leases
+from worker.watchers import CancelWatcher, CurrentTask, renew_leases, send_heartbeats
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class Worker:
             daemon=True,
         ).start()
         CancelWatcher(self.config.redis.url, self.keys, self.make_state, self.current).start()
+        threading.Thread(target=send_heartbeats, name="process-heartbeat", daemon=True).start()
         log.info("worker started provider=%s consumer=%s pid=%d", self.provider, self.consumer, os.getpid())
 
         code = self.loop()
@@ -124,6 +126,7 @@ class Worker:
         next_abandoned_check = time.monotonic() + self.config.supervisor.lease_seconds / 2
         backoff = 0.5
         while not self.stopping:
+            heartbeat.note_loop()
             if os.getppid() != self.parent_pid:
                 log.warning("supervisor is gone; worker exits provider=%s pid=%d", self.provider, os.getpid())
                 break
@@ -229,10 +232,12 @@ class Worker:
             report_progress=self._progress_reporter(spec),
         )
         self.current.set(spec, context)
+        heartbeat.beat(task_started_at=time.time())
         outcome = run_task(self.driver, spec, context, self.redactor, lambda: self.abort_current)
         handed_over = self.record(spec, outcome)
         self.current.set(None, None)
         self.tasks_done += 1
+        heartbeat.beat(task_started_at=0.0, tasks_done=self.tasks_done)
         level = logging.INFO if outcome.status in (TaskStatus.COMPLETED, TaskStatus.CANCELLED) else logging.WARNING
         log.log(
             level,

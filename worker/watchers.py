@@ -1,7 +1,8 @@
-"""Background threads of a worker: the lease heartbeat and the cancel watcher.
+"""Background threads of a worker: the lease heartbeat, the cancel watcher and the process heartbeat.
 
-Both look at the task the worker is running right now, through `CurrentTask`, and
-each uses its own Redis connection so a blocked read never delays the other.
+The first two look at the task the worker is running right now, through
+`CurrentTask`, and each uses its own Redis connection so a blocked read never delays
+the other. The process heartbeat writes to the shared heartbeat table and needs no Redis.
 """
 
 import logging
@@ -11,6 +12,7 @@ import time
 
 import redis
 
+from shared import heartbeat
 from shared.keys import Keys
 from shared.redis_client import connect
 from shared.schema import TaskSpec
@@ -21,6 +23,12 @@ log = logging.getLogger(__name__)
 
 # Seconds between two looks at the current task's cancel state when no notice arrives.
 CANCEL_POLL_SECONDS = 1.0
+# Seconds between two process heartbeats.
+HEARTBEAT_SECONDS = 1.0
+# An idle worker whose main loop has not run for this long stops sending heartbeats.
+# The idle loop's longest regular wait is a Redis reply, cut off after
+# shared.redis_client.SOCKET_TIMEOUT_SECONDS (30 s), plus a retry delay of at most 5 s.
+LOOP_STALL_SECONDS = 60.0
 
 
 class CurrentTask:
@@ -49,6 +57,17 @@ def renew_leases(state: TaskState, current: CurrentTask, owner: str, consumer: s
                 log.warning("lease lost task_id=%s provider=%s pid=%d", spec.id, spec.provider, os.getpid())
         except redis.RedisError as exc:
             log.warning("lease renewal failed task_id=%s provider=%s error=%s", spec.id, spec.provider, exc)
+
+
+def send_heartbeats() -> None:
+    """Write the worker's process heartbeat every second, forever (a daemon thread).
+
+    While a task runs, its timeout bounds the main thread's wait, so the heartbeat
+    goes on. While the worker is idle, it stops once the main loop stalls.
+    """
+    while True:
+        heartbeat.beat_unless_stalled(LOOP_STALL_SECONDS)
+        time.sleep(HEARTBEAT_SECONDS)
 
 
 class CancelWatcher:
@@ -97,7 +116,7 @@ class CancelWatcher:
         return text.strip() == f"{spec.provider} {spec.id}"
 
     def check(self, state: TaskState, spec: TaskSpec) -> None:
-        status, requested = state.client.hmget(self.keys.task(spec.provider, spec.id), "status", "cancel_user")
+        status, requested = state.client.hmget(self.keys.task(spec.provider, spec.id), "status", "cancel_request_user")
         if requested is not None:
             reply = state.cancel(spec.provider, spec.id, stored=True)
             log.info("stored cancel request applied task_id=%s provider=%s reply=%s", spec.id, spec.provider, reply[0])

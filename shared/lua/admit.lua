@@ -7,7 +7,7 @@ if not status then
   create_pending(KEYS[1], KEYS[2], ARGV[1], 2)
   status = 'pending'
 end
-if not TERMINAL[status] and redis.call('HEXISTS', KEYS[1], 'cancel_user') == 1 then
+if not TERMINAL[status] and redis.call('HEXISTS', KEYS[1], 'cancel_request_user') == 1 then
   return 'cancel_requested'
 end
 return status

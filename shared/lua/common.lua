@@ -8,14 +8,15 @@ local function now()
   return string.format('%d.%06d', t[1], t[2])
 end
 
--- Entries kept in a task's history list (`<task key>:history`), newest last.
+-- Entries kept in a task's history list (`<prefix>:{<provider>}:history:<id>`), newest last.
 local HISTORY_LENGTH = 100
 
 -- Append the task's full current state to its provider's event stream, and a short
 -- line to the task's history list.
 local function emit(task_key, events_key, maxlen, instance_status, instance_changed)
   local state = redis.call('HMGET', task_key, 'status', 'progress', 'message', 'updated_at', 'attempts')
-  local history_key = task_key .. ':history'
+  -- A provider id contains no '}', so the first '}:task:' ends the hash tag.
+  local history_key = string.gsub(task_key, '}:task:', '}:history:', 1)
   redis.call('RPUSH', history_key, cjson.encode({at = state[4], status = state[1], progress = state[2],
     message = state[3], attempt = state[5]}))
   redis.call('LTRIM', history_key, -HISTORY_LENGTH, -1)

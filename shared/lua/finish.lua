@@ -21,9 +21,15 @@ end
 if redis.call('HGET', task_key, 'owner') ~= owner then
   return {'fenced', status}
 end
-if new_status == 'pending' and (status == 'cancelling' or redis.call('HEXISTS', task_key, 'cancel_user') == 1) then
+if new_status == 'pending' and status == 'cancelling' then
+  -- The task was stopped and a cancel had been accepted: it must not run again.
   new_status = 'cancelled'
   rule = cancel_rule
+  for i = 9, #ARGV, 2 do
+    if ARGV[i] == 'message' then
+      ARGV[i + 1] = 'cancelled while the worker was shutting down'
+    end
+  end
 end
 if not ALLOWED[status][new_status] then
   return {'illegal', status}

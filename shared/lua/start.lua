@@ -31,7 +31,7 @@ if TERMINAL[status] then
   redis.call('ZREM', queue_key, queue_member(entry))
   return {'finished', status}
 end
-if redis.call('HEXISTS', task_key, 'cancel_user') == 1 then
+if redis.call('HEXISTS', task_key, 'cancel_request_user') == 1 then
   return {'cancel_requested'}
 end
 

@@ -17,8 +17,8 @@ from pymysql.cursors import DictCursor
 
 from shared.errors import StoreError
 from shared.store.base import (
-    MISSING_SCHEMA_HINT,
     INSTANCE_COLUMNS,
+    MISSING_SCHEMA_HINT,
     TASK_COLUMNS,
     Store,
     batch_parameters,

@@ -13,8 +13,8 @@ from typing import Any
 
 from shared.errors import StoreError
 from shared.store.base import (
-    MISSING_SCHEMA_HINT,
     INSTANCE_COLUMNS,
+    MISSING_SCHEMA_HINT,
     TASK_COLUMNS,
     Store,
     batch_parameters,
