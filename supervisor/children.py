@@ -179,6 +179,8 @@ class Children:
             log.error("child exited with code %d %s", os.WEXITSTATUS(status), what)
 
     def _schedule_respawn(self, child: Child, status: int) -> None:
+        if self.stopping:
+            return
         key = child.key
         quick = time.monotonic() - child.started < QUICK_EXIT_SECONDS
         failed_boot = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_FAILURE

@@ -56,8 +56,12 @@ class Intake:
         log.info("intake started providers=%d pid=%d", len(self.streams), os.getpid())
         backoff = 0.5
         self.pubsub = None
-        while not self.stopping and self.streams:
+        while not self.stopping:
             heartbeat.beat()
+            if not self.streams:
+                # No provider yet: stay up, so that the supervisor need not respawn it.
+                time.sleep(0.2)
+                continue
             try:
                 if self.pubsub is None:
                     self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)

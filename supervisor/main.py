@@ -55,6 +55,8 @@ class Supervisor:
         self.cold_stop = False
         self.watcher = watcher or ConfigWatcher(None, None, None)
         self.started_at = time.time()
+        # The last config with changes outside providers that was reported as needing a restart.
+        self.pending_restart_config: Config | None = None
         self.last_redis_warning = 0.0
         self.wakeup_read, self.wakeup_write = os.pipe()
         os.set_blocking(self.wakeup_read, False)
@@ -209,6 +211,10 @@ class Supervisor:
             return
         old = self.config
         # Only provider settings change at run time; the rest needs a restart.
+        outside = msgspec.structs.replace(new, providers=old.providers)
+        if outside != old and outside != self.pending_restart_config:
+            self.pending_restart_config = outside
+            log.warning("config keys outside providers changed; they apply after a restart of the supervisor")
         new = msgspec.structs.replace(old, providers=new.providers)
         for provider in sorted(set(old.providers) - set(new.providers)):
             log.info("provider removed; its workers finish their tasks and stop provider=%s", provider)

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 READ_COUNT = 2000
 READ_BLOCK_MS = 200
+# Seconds between two looks for event streams of providers the config does not list.
+STREAM_REFRESH_SECONDS = 5.0
+IDLE_SLEEP_SECONDS = 0.2
 
 
 def _text(value: bytes | str) -> str:
@@ -93,6 +96,7 @@ class Mirror:
         self.config = config
         self.consumer = consumer
         keys = Keys(config.redis.prefix)
+        self.keys = keys
         self.streams = [keys.events(provider) for provider in config.providers]
         self.stopping = False
         self.written = 0
@@ -108,21 +112,19 @@ class Mirror:
         log.info("mirror started streams=%d pid=%d", len(self.streams), os.getpid())
         backoff = 0.5
         own_pending = True
-        while self.streams:
-            heartbeat.beat()
-            try:
-                for stream in self.streams:
-                    ensure_group(self.client, stream, MIRROR_GROUP)
-                break
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unavailable in mirror retry_in=%.1fs error=%s", backoff, exc)
-                heartbeat.beat(pause=backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-        while self.streams:
+        next_refresh = 0.0
+        while True:
             heartbeat.beat(tasks_done=self.written)
             try:
+                if time.monotonic() >= next_refresh:
+                    next_refresh = time.monotonic() + STREAM_REFRESH_SECONDS
+                    if self.refresh_streams():
+                        own_pending = True
+                if not self.streams:
+                    if self.stopping:
+                        break
+                    time.sleep(IDLE_SLEEP_SECONDS)
+                    continue
                 count = self.pass_once(own_pending)
                 backoff = 0.5
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -131,6 +133,12 @@ class Mirror:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 own_pending = True
+                continue
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("mirror consumer group missing; creating it error=%s", exc)
+                next_refresh = 0.0
                 continue
             except StoreError as exc:
                 log.warning("database write failed; events kept in redis retry_in=%.1fs error=%s", backoff, exc)
@@ -146,6 +154,22 @@ class Mirror:
         self.store.close()
         log.info("mirror stopped rows_written=%d pid=%d", self.written, os.getpid())
         return 0
+
+    def refresh_streams(self) -> bool:
+        """Add event streams that exist in Redis but not in the list; True when any was added.
+
+        A provider removed at run time, or one whose settings are invalid, still has tasks
+        that end after the change, and their final states must reach SQL too.
+        """
+        found = {
+            _text(name) for name in self.client.scan_iter(match=f"{self.keys.prefix}:{{*}}:events", count=1000)
+        }
+        added = sorted(found - set(self.streams))
+        self.streams += added
+        # A stream can exist before its group: the state scripts create it with their first event.
+        for stream in self.streams:
+            ensure_group(self.client, stream, MIRROR_GROUP)
+        return bool(added)
 
     def pass_once(self, own_pending: bool) -> int:
         """Mirror one batch; returns the number of events handled."""

@@ -96,13 +96,17 @@ class CancelWatcher:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self.keys.cancel_channel())
                 backoff = 0.5
+                next_check = 0.0
                 while True:
                     message = pubsub.get_message(timeout=CANCEL_POLL_SECONDS)
                     spec = self.current.spec
                     if spec is None:
                         continue
-                    if message is not None and not self._is_about(message, spec):
+                    # Notices about other tasks must not delay the once-a-second look.
+                    due = time.monotonic() >= next_check
+                    if message is not None and not self._is_about(message, spec) and not due:
                         continue
+                    next_check = time.monotonic() + CANCEL_POLL_SECONDS
                     self.check(state, spec)
             except redis.RedisError as exc:
                 log.warning("cancel watcher lost redis retry_in=%.1fs pid=%d error=%s", backoff, os.getpid(), exc)

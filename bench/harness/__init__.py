@@ -1,0 +1,1 @@
+"""The benchmark harness: private Redis, peer environments, measurements and reports."""

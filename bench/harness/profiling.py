@@ -1,0 +1,181 @@
+"""Sampling profiles of taskvisor's processes with py-spy while they drain a backlog.
+
+`bench/run.py --profile` starts taskvisor like a throughput run, attaches one
+`py-spy record` to each worker, the intake, the mirror and the supervisor, takes one
+`py-spy dump` of each, and writes the top frames to bench/results/profile-<name>.md. The raw
+collapsed stacks stay in bench/scratch/<name>/profile/ for flame graph tools.
+"""
+
+import collections
+import os
+import re
+import signal
+import subprocess
+import time
+
+from harness.environment import REPO_DIR, venv_python
+from harness.measure import run_producer, wait_for_count
+from harness.redis_server import PrivateRedis
+from harness.systems import SYSTEMS, RunContext
+
+# Samples per second of each py-spy recorder.
+SAMPLE_RATE = 100
+TOP_FRAMES = 15
+STARTED_LINE = re.compile(r" (\S+)\[(\d+)\] \S+: (?:worker|intake|mirror|supervisor) started")
+
+
+def wait_for_processes(log_path: str, expected: int, timeout: float) -> dict[str, int]:
+    """Return the pid of each process (worker:<provider>:<slot>, intake, mirror, supervisor) once `expected` have logged their start."""
+    deadline = time.monotonic() + timeout
+    found: dict[str, int] = {}
+    while time.monotonic() < deadline and len(found) < expected:
+        with open(log_path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                match = STARTED_LINE.search(line)
+                if match:
+                    found[match.group(1)] = int(match.group(2))
+        time.sleep(0.02)
+    return found
+
+
+def read_collapsed(path: str) -> list[tuple[list[str], int]]:
+    """Read py-spy's raw output: one `frame;frame;... count` line per distinct stack, root first."""
+    stacks = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if stack and count.isdigit():
+                stacks.append((stack.split(";"), int(count)))
+    return stacks
+
+
+# Frames of taskvisor's own packages and of the benchmark driver.
+OWN_CODE = re.compile(r"\((?:supervisor|worker|shared)/[^)]*\)$|\(noop_driver\.py\)$")
+# The fork path from the supervisor into each child is in every stack of a child, so
+# these frames are left out of the inclusive table.
+FORK_PATH = re.compile(r"\(supervisor/(?:cli|__main__|main|children)\.py\)$")
+
+
+def is_own_frame(frame: str) -> bool:
+    return OWN_CODE.search(frame) is not None and FORK_PATH.search(frame) is None
+
+
+# Categories of samples, judged by their frames. The first category that matches wins.
+CATEGORIES = [
+    ("logging", lambda frames: any("(logging/" in frame for frame in frames)),
+    ("Redis socket I/O and hiredis reply parsing", lambda frames: re.search(
+        r"send_packed_command|read_from_socket|_socket_can_read|readinto|recv", frames[-1]) is not None),
+    ("SQLite (sqlite3 calls inside the store)", lambda frames: "(shared/store/sqlite.py)" in frames[-1]),
+    ("redis-py command building and reply parsing", lambda frames: "(redis/" in frames[-1]),
+    ("thread start and join", lambda frames: "(threading.py)" in frames[-1]),
+    ("taskvisor code (own samples)", lambda frames: is_own_frame(frames[-1])),
+    ("other", lambda frames: True),
+]
+
+
+def categorize(stacks: list[tuple[list[str], int]]) -> list[tuple[str, int]]:
+    totals: collections.Counter = collections.Counter()
+    for frames, count in stacks:
+        for name, matches in CATEGORIES:
+            if matches(frames):
+                totals[name] += count
+                break
+    return totals.most_common()
+
+
+def top_frames(stacks: list[tuple[list[str], int]]) -> tuple[int, list[tuple[str, int]], list[tuple[str, int]]]:
+    """Return the sample total, the top leaf frames, and the top taskvisor frames by inclusive samples."""
+    total = sum(count for _frames, count in stacks)
+    own: collections.Counter = collections.Counter()
+    inclusive: collections.Counter = collections.Counter()
+    for frames, count in stacks:
+        own[frames[-1]] += count
+        for frame in set(frames):
+            if is_own_frame(frame):
+                inclusive[frame] += count
+    return total, own.most_common(TOP_FRAMES), inclusive.most_common(TOP_FRAMES)
+
+
+def summary_markdown(role: str, path: str, seconds: float) -> list[str]:
+    stacks = read_collapsed(path)
+    total, own, inclusive = top_frames(stacks)
+    possible = max(1, int(seconds * SAMPLE_RATE))
+    share = 100 * total / possible
+    lines = [
+        f"### {role}",
+        "",
+        (f"{total:,} samples that py-spy did not mark idle, of about {possible:,} in {seconds:.1f} s at"
+         f" {SAMPLE_RATE} Hz ({share:.0f} % of the wall time, all threads added up). A sample counts when its"
+         " thread was running or runnable, so on a saturated machine it includes waiting for a CPU."),
+        "",
+        "| Samples | % | Spent in |",
+        "|---:|---:|---|",
+    ]  # fmt: skip
+    lines += [f"| {count:,} | {100 * count / max(total, 1):.1f} | {name} |" for name, count in categorize(stacks)]
+    lines += ["", "| Own samples | % | Frame (leaf) |", "|---:|---:|---|"]
+    lines += [f"| {count:,} | {100 * count / max(total, 1):.1f} | `{frame}` |" for frame, count in own]
+    lines += ["", "| Inclusive samples | % | taskvisor frame (anywhere in the stack) |", "|---:|---:|---|"]
+    lines += [f"| {count:,} | {100 * count / max(total, 1):.1f} | `{frame}` |" for frame, count in inclusive]
+    return lines + [""]
+
+
+def profile_taskvisor(server: PrivateRedis, context: RunContext, count: int, output_path: str, results: dict) -> None:
+    system = SYSTEMS["taskvisor"]
+    py_spy = os.path.join(os.path.dirname(venv_python("peers")), "py-spy")
+    output_dir = os.path.join(context.scratch, "profile")
+    os.makedirs(output_dir, exist_ok=True)
+
+    server.flush()
+    context.mode = "throughput"
+    context.label = "profile"
+    system.prepare(context)
+    run_producer(system, context, ["backlog", str(count)])
+    running = system.start(context)
+    recorders: dict[str, subprocess.Popen] = {}
+    try:
+        processes = wait_for_processes(os.path.join(REPO_DIR, running.log_path), expected=5, timeout=15)
+        begin = time.perf_counter()
+        for role, pid in processes.items():
+            path = os.path.join(output_dir, f"{role.replace(':', '-')}.txt")
+            recorders[role] = subprocess.Popen(
+                [py_spy, "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--format", "raw", "--nolineno",
+                 "--nonblocking", "--output", path],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        time.sleep(1.0)
+        for role, pid in processes.items():
+            dump = subprocess.run([py_spy, "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True,
+                                  check=False)
+            with open(os.path.join(output_dir, f"{role.replace(':', '-')}-dump.txt"), "w", encoding="utf-8") as handle:
+                handle.write(dump.stdout + dump.stderr)
+        _first, done = wait_for_count(server.client, running, count, time.perf_counter() + 600)
+        while done is not None and not system.all_recorded(context, count):
+            time.sleep(0.01)
+        seconds = time.perf_counter() - begin
+    finally:
+        for recorder in recorders.values():
+            recorder.send_signal(signal.SIGINT)
+        for recorder in recorders.values():
+            recorder.wait(30)
+        running.stop()
+
+    lines = [
+        "# taskvisor profile",
+        "",
+        f"- Date: {results['date']}",
+        f"- Command: `{results['command']}`",
+        f"- taskvisor commit: {results['versions']['taskvisor_commit']}",
+        f"- Machine: {results['machine']['cores']} cores, {results['machine']['cpu_model']}",
+        (f"- Workload: a backlog of {count:,} no-op tasks, as in the throughput measurement;"
+         f" drained and mirrored in {seconds:.1f} s while py-spy {results['versions']['peers_environment']['py-spy']}"
+         f" sampled every process ({SAMPLE_RATE} Hz, --nonblocking, idle samples left out, one py-spy per process)."),
+        f"- Load average at start: {results['load_average_start']}",
+        f"- Raw collapsed stacks and one dump per process: {os.path.relpath(output_dir, REPO_DIR)}",
+        "",
+    ]  # fmt: skip
+    for role in sorted(recorders):
+        lines += summary_markdown(role, os.path.join(output_dir, f"{role.replace(':', '-')}.txt"), seconds)
+    text = "\n".join(lines).rstrip() + "\n"
+    with open(output_path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    print(text)

@@ -1,0 +1,194 @@
+"""Medians, taskvisor/peer ratios and the Markdown report of one benchmark run."""
+
+import statistics
+
+# The targets that docs/benchmarks.md checks taskvisor against.
+THROUGHPUT_TARGET_VERSUS_CELERY = 2.0
+
+
+def median_of(runs: list[dict], key: str) -> float | None:
+    values = [run[key] for run in runs if run.get(key) is not None and "error" not in run]
+    return round(statistics.median(values), 3) if values else None
+
+
+def summarize(results: dict) -> None:
+    """Add medians and ratios to `results` in place."""
+    throughput = results.get("throughput", {})
+    for summary in throughput.values():
+        summary["median_tasks_per_second"] = median_of(summary["runs"], "tasks_per_second")
+        summary["median_drain_tasks_per_second"] = median_of(summary["runs"], "drain_tasks_per_second")
+        summary["median_startup_seconds"] = median_of(summary["runs"], "startup_seconds")
+        cpu = median_of(summary["runs"], "worker_cpu_seconds")
+        redis_cpu = median_of(summary["runs"], "redis_cpu_seconds")
+        tasks = summary["tasks"]
+        summary["worker_cpu_ms_per_task"] = round(cpu * 1000 / tasks, 3) if cpu is not None else None
+        summary["redis_cpu_ms_per_task"] = round(redis_cpu * 1000 / tasks, 3) if redis_cpu is not None else None
+    reference = throughput.get("taskvisor", {})
+    for summary in throughput.values():
+        for key, ratio_key in (("median_tasks_per_second", "taskvisor_ratio"),
+                               ("median_drain_tasks_per_second", "taskvisor_drain_ratio")):
+            mine, theirs = reference.get(key), summary[key]
+            summary[ratio_key] = round(mine / theirs, 3) if mine and theirs else None
+
+    latency = results.get("latency", {})
+    for summary in latency.values():
+        for key in ("p50_ms", "p99_ms", "max_ms", "mean_ms"):
+            summary[f"median_{key}"] = median_of(summary["runs"], key)
+    tv = latency.get("taskvisor", {})
+    for summary in latency.values():
+        for key in ("p50_ms", "p99_ms"):
+            mine, theirs = tv.get(f"median_{key}"), summary[f"median_{key}"]
+            summary[f"taskvisor_{key}_ratio"] = round(mine / theirs, 3) if mine and theirs else None
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _runs_text(runs: list[dict], key: str, digits: int) -> str:
+    return ", ".join(_number(run.get(key), digits) if "error" not in run else "failed" for run in runs)
+
+
+def _loads_text(runs: list[dict]) -> str:
+    return ", ".join(_number(run.get("load_average_before", [None])[0], 2) for run in runs)
+
+
+def targets_text(results: dict) -> list[str]:
+    lines = []
+    celery = results.get("throughput", {}).get("celery")
+    if celery and celery.get("taskvisor_ratio") is not None:
+        ratio = celery["taskvisor_ratio"]
+        verdict = "met" if ratio >= THROUGHPUT_TARGET_VERSUS_CELERY else "missed"
+        lines.append(f"- Throughput at least {THROUGHPUT_TARGET_VERSUS_CELERY:g}x Celery: {verdict}"
+                     f" (taskvisor/Celery = {ratio:.2f}).")  # fmt: skip
+    celery = results.get("latency", {}).get("celery")
+    if celery:
+        for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
+            ratio = celery.get(f"taskvisor_{key}_ratio")
+            if ratio is not None:
+                verdict = "met" if ratio <= 1.0 else "missed"
+                lines.append(f"- Latency {label} no worse than Celery: {verdict} (taskvisor/Celery = {ratio:.2f}).")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    """Render the whole report: header, throughput, latency, targets, failed runs and notes."""
+    lines = header_lines(results)
+    if results.get("throughput"):
+        lines += throughput_lines(results["throughput"])
+    if results.get("latency"):
+        lines += latency_lines(results["latency"], results["settings"]["interval_ms"])
+
+    targets = targets_text(results)
+    if targets:
+        lines += ["## Targets", "", *targets, ""]
+
+    failures = [
+        f"- {kind} {name} run {index + 1}: {run['error']} (log: {run.get('log', '-')})"
+        for kind in ("throughput", "latency")
+        for name, summary in results.get(kind, {}).items()
+        for index, run in enumerate(summary["runs"])
+        if "error" in run
+    ]  # fmt: skip
+    if failures:
+        lines += ["## Failed runs", "", *failures, ""]
+
+    notes = results.get("notes", [])
+    if notes:
+        lines += ["## Notes", "", *(f"- {note}" for note in notes)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def header_lines(results: dict) -> list[str]:
+    machine = results["machine"]
+    versions = results["versions"]
+    return [
+        f"# Benchmark results ({results['mode']} mode)",
+        "",
+        f"- Date: {results['date']}",
+        f"- Command: `{results['command']}`",
+        (f"- Machine: {machine['cores']} cores, {machine['memory_gib']} GiB, {machine['cpu_model']},"
+         f" Linux {machine['kernel']}, Python {machine['python']}"),
+        f"- Load average (1, 5, 15 min) at start: {results['load_average_start']}, at end: {results['load_average_end']}",
+        f"- taskvisor commit: {versions['taskvisor_commit']}; redis-server {versions['redis_server']}",
+        f"- taskvisor environment: {_versions_text(versions['taskvisor_environment'])}",
+        f"- bench/.venv-peers: {_versions_text(versions['peers_environment'])}",
+        f"- bench/.venv-arq: {_versions_text(versions['arq_environment'])}",
+        f"- Wall time of the whole command: {results['total_seconds']:.0f} s",
+        "",
+    ]  # fmt: skip
+
+
+def throughput_lines(throughput: dict) -> list[str]:
+    lines = [
+        "## Throughput: draining a backlog at total concurrency 2",
+        "",
+        ("tasks/s = tasks ÷ seconds from starting the workers to the last task recorded (median of the runs)."
+         " Drain tasks/s leaves out the start-up: tasks after the first ÷ seconds from the first task done to"
+         " the last recorded. taskvisor ÷ system > 1 means taskvisor is faster. CPU columns: ms of CPU per"
+         " task, of the workers (all their processes, start-up included) and of redis-server, medians."),
+        "",
+        ("| System | Tasks | Runs (tasks/s) | Median tasks/s | taskvisor ÷ system | Drain tasks/s"
+         " | taskvisor ÷ system (drain) | Start-up s | Worker CPU ms/task | Redis CPU ms/task"
+         " | Load avg (1 min) before each run |"),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]  # fmt: skip
+    for name, summary in throughput.items():
+        lines.append(
+            f"| {name} | {summary['tasks']:,} | {_runs_text(summary['runs'], 'tasks_per_second', 0)}"
+            f" | {_number(summary['median_tasks_per_second'], 0)} | {_number(summary['taskvisor_ratio'], 2)}"
+            f" | {_number(summary['median_drain_tasks_per_second'], 0)}"
+            f" | {_number(summary['taskvisor_drain_ratio'], 2)}"
+            f" | {_number(summary['median_startup_seconds'], 2)}"
+            f" | {_number(summary['worker_cpu_ms_per_task'], 2)} | {_number(summary['redis_cpu_ms_per_task'], 2)}"
+            f" | {_loads_text(summary['runs'])} |"
+        )  # fmt: skip
+    lines.append("")
+    lines += [f"- {name}: {summary['description']}." for name, summary in throughput.items()]
+    return [*lines, ""]
+
+
+def latency_lines(latency: dict, interval_ms: float) -> list[str]:
+    lines = [
+        f"## Latency: one task every {interval_ms:g} ms at idle workers",
+        "",
+        ("Milliseconds from the producer's send call to the start of the task's code; medians of the"
+         " runs' percentiles. taskvisor ÷ system < 1 means taskvisor is faster."),
+        "",
+        ("| System | Tasks | p50 ms | p99 ms | max ms | Runs (p50 / p99) | taskvisor ÷ system p50 | taskvisor ÷ system p99"
+         " | Load avg (1 min) before each run |"),
+        "|---|---:|---:|---:|---:|---|---:|---:|---|",
+    ]  # fmt: skip
+    for name, summary in latency.items():
+        per_run = ", ".join(
+            f"{_number(run.get('p50_ms'), 2)} / {_number(run.get('p99_ms'), 2)}" if "error" not in run else "failed"
+            for run in summary["runs"]
+        )
+        lines.append(
+            f"| {name} | {summary['tasks']:,} | {_number(summary['median_p50_ms'], 2)}"
+            f" | {_number(summary['median_p99_ms'], 2)} | {_number(summary['median_max_ms'], 2)} | {per_run}"
+            f" | {_number(summary['taskvisor_p50_ms_ratio'], 2)} | {_number(summary['taskvisor_p99_ms_ratio'], 2)}"
+            f" | {_loads_text(summary['runs'])} |"
+        )  # fmt: skip
+    lines.append("")
+
+    stages = latency.get("taskvisor", {}).get("runs", [])
+    if median_of(stages, "send_to_running_p50_ms") is None:
+        return lines
+    return lines + [
+        ("taskvisor's latency split at `started_at`, the Redis time at which start.lua made the task"
+         " running. The values are medians of the runs. Each percentile is taken on its own, so the parts"
+         " need not add up to the totals above."),
+        "",
+        "| Stage | p50 ms | p99 ms |",
+        "|---|---:|---:|",
+        (f"| send to running | {_number(median_of(stages, 'send_to_running_p50_ms'), 2)}"
+         f" | {_number(median_of(stages, 'send_to_running_p99_ms'), 2)} |"),
+        (f"| running to the driver's code | {_number(median_of(stages, 'running_to_driver_p50_ms'), 2)}"
+         f" | {_number(median_of(stages, 'running_to_driver_p99_ms'), 2)} |"),
+        "",
+    ]  # fmt: skip
+
+
+def _versions_text(versions: dict[str, str]) -> str:
+    return ", ".join(f"{name} {version}" for name, version in versions.items())

@@ -1,0 +1,245 @@
+"""The systems under test: how to start each one's workers at total concurrency 2, and stop them.
+
+Every system runs the same no-op task from bench/apps against the same private Redis.
+Workers are started in their own session, so that `stop()` can end the whole process
+group that this harness started, and nothing else.
+"""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import redis
+
+from harness.environment import BENCH_DIR, REPO_DIR, venv_python
+from harness.stats import nearest_rank
+
+APPS_DIR = os.path.join(BENCH_DIR, "apps")
+# Seconds a system gets to exit after SIGTERM before its process group gets SIGKILL.
+STOP_TIMEOUT_SECONDS = 15.0
+
+TASKVISOR_PREFIX = "tvbench"
+TASKVISOR_PROVIDER = "noop"
+TASKVISOR_STREAM = f"{TASKVISOR_PREFIX}:{{{TASKVISOR_PROVIDER}}}:tasks"
+
+
+@dataclass
+class RunContext:
+    redis_url: str
+    scratch: str
+    # The folder whose supervisor/, worker/ and shared/ packages are measured.
+    taskvisor_dir: str = REPO_DIR
+    mode: str = "throughput"
+    label: str = ""
+
+    def environment(self, with_taskvisor: bool) -> dict[str, str]:
+        env = dict(os.environ)
+        paths = [APPS_DIR, self.taskvisor_dir] if with_taskvisor else [APPS_DIR]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["BENCH_REDIS_URL"] = self.redis_url
+        env["BENCH_MODE"] = self.mode
+        env["BENCH_TV_STREAM"] = TASKVISOR_STREAM
+        env.pop("VIRTUAL_ENV", None)
+        return env
+
+
+@dataclass
+class RunningSystem:
+    processes: list[subprocess.Popen]
+    # Relative to the repository root, as it appears in the reports.
+    log_path: str
+    clean_stop: bool = True
+    log_handle: object = None
+
+    def exited(self) -> bool:
+        return any(process.poll() is not None for process in self.processes)
+
+    def stop(self) -> None:
+        """Send SIGTERM to every started process, wait, then SIGKILL what is left of their groups."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        for process in self.processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.clean_stop = False
+                process.kill()
+                process.wait()
+        for process in self.processes:
+            # Pool children that outlived their parent are still in the group the harness made.
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+                self.clean_stop = False
+            except ProcessLookupError:
+                pass
+        if self.log_handle is not None:
+            self.log_handle.close()
+
+
+@dataclass
+class System:
+    """One row of the benchmark: `client` names the sender in bench/apps/produce.py."""
+
+    name: str
+    client: str
+    environment: str
+    description: str
+    uses_taskvisor: bool = False
+
+    @property
+    def python(self) -> str:
+        return sys.executable if self.environment == "taskvisor" else venv_python(self.environment)
+
+    def tool(self, name: str) -> str:
+        return os.path.join(os.path.dirname(self.python), name)
+
+    def prepare(self, context: RunContext) -> None:
+        """Write the files that the workers need before they start. The default writes none."""
+
+    def commands(self, context: RunContext) -> list[list[str]]:
+        raise NotImplementedError
+
+    def start(self, context: RunContext) -> RunningSystem:
+        log_path = os.path.join(context.scratch, "logs", f"{self.name}-{context.label}.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        # Stays open while the workers write to it; RunningSystem.stop() closes it.
+        log_handle = open(log_path, "ab")  # noqa: SIM115
+        env = context.environment(self.uses_taskvisor)
+        processes = [
+            subprocess.Popen(command, cwd=APPS_DIR, env=env, stdin=subprocess.DEVNULL, stdout=log_handle,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+            for command in self.commands(context)
+        ]  # fmt: skip
+        return RunningSystem(processes, os.path.relpath(log_path, REPO_DIR), log_handle=log_handle)
+
+    def all_recorded(self, context: RunContext, count: int) -> bool:
+        """Return True when the system's own records show all `count` tasks done (beyond the Redis counter)."""
+        return True
+
+    def latency_stages(self, client: redis.Redis, sent: dict[str, float], started: dict[str, float]) -> dict:
+        """Return the median milliseconds of each stage between send and task start, where the system records them."""
+        return {}
+
+
+class Taskvisor(System):
+    def config_path(self, context: RunContext) -> str:
+        return os.path.join(context.scratch, "taskvisor", "taskvisor.yaml")
+
+    def database_path(self, context: RunContext) -> str:
+        return os.path.join(context.scratch, "taskvisor", "taskvisor.db")
+
+    def prepare(self, context: RunContext) -> None:
+        os.makedirs(os.path.dirname(self.config_path(context)), exist_ok=True)
+        database = self.database_path(context)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(database + suffix):
+                os.remove(database + suffix)
+        record_start = "true" if context.mode == "latency" else "false"
+        config = f"""\
+redis: {{url: "{context.redis_url}", prefix: {TASKVISOR_PREFIX}}}
+database: {{url: "sqlite:///{database}"}}
+supervisor: {{name: bench, shutdownGrace: 5}}
+providers:
+  {TASKVISOR_PROVIDER}:
+    allowConcurrentTasks: true
+    maxConcurrentTasks: 2
+    driver:
+      type: "noop_driver:NoopDriver"
+      options: {{redisUrl: "{context.redis_url}", recordStart: {record_start}}}
+"""
+        with open(self.config_path(context), "w", encoding="utf-8") as handle:
+            handle.write(config)
+
+    def commands(self, context: RunContext) -> list[list[str]]:
+        return [[self.python, "-m", "supervisor", "supervise", "--config", self.config_path(context)]]
+
+    def all_recorded(self, context: RunContext, count: int) -> bool:
+        """Return True when the SQLite mirror contains `count` tasks in state completed."""
+        uri = f"file:{self.database_path(context)}?mode=ro"
+        try:
+            connection = sqlite3.connect(uri, uri=True, timeout=1.0)
+        except sqlite3.Error:
+            return False
+        try:
+            row = connection.execute("SELECT COUNT(*) FROM taskvisor_tasks WHERE status = 'completed'").fetchone()
+        except sqlite3.Error:
+            return False
+        finally:
+            connection.close()
+        return row[0] >= count
+
+    def latency_stages(self, client: redis.Redis, sent: dict[str, float], started: dict[str, float]) -> dict:
+        """Split each task's latency at `started_at`, the Redis time at which start.lua made it running."""
+        numbers = [number for number in sent if number in started]
+        pipe = client.pipeline(transaction=False)
+        for number in numbers:
+            pipe.hget(f"{TASKVISOR_PREFIX}:{{{TASKVISOR_PROVIDER}}}:task:t-{number}", "started_at")
+        to_running, to_driver = [], []
+        for number, value in zip(numbers, pipe.execute(), strict=True):
+            if value:
+                running_at = float(value)
+                to_running.append((running_at - sent[number]) * 1000)
+                to_driver.append((started[number] - running_at) * 1000)
+        if not to_running:
+            return {}
+        to_running.sort()
+        to_driver.sort()
+        return {
+            "send_to_running_p50_ms": round(nearest_rank(to_running, 0.50), 3),
+            "send_to_running_p99_ms": round(nearest_rank(to_running, 0.99), 3),
+            "running_to_driver_p50_ms": round(nearest_rank(to_driver, 0.50), 3),
+            "running_to_driver_p99_ms": round(nearest_rank(to_driver, 0.99), 3),
+        }
+
+
+class Celery(System):
+    def commands(self, context: RunContext) -> list[list[str]]:
+        # Gossip, mingle and heartbeat exchange messages with other worker nodes. The
+        # benchmark runs a single node, so they are off.
+        return [[self.tool("celery"), "-A", "celery_app", "worker", "--pool", "prefork", "--concurrency", "2",
+                 "--without-gossip", "--without-mingle", "--without-heartbeat"]]  # fmt: skip
+
+
+class Rq(System):
+    worker_class = "rq.worker.SimpleWorker"
+
+    def commands(self, context: RunContext) -> list[list[str]]:
+        return [
+            [self.tool("rq"), "worker", "--url", context.redis_url, "--worker-class", self.worker_class,
+             "--path", APPS_DIR, "--name", f"bench-{slot}-{context.label}", "bench"]
+            for slot in range(2)
+        ]  # fmt: skip
+
+
+class RqForking(Rq):
+    worker_class = "rq.worker.Worker"
+
+
+class Arq(System):
+    def commands(self, context: RunContext) -> list[list[str]]:
+        return [[self.tool("arq"), "arq_worker.WorkerSettings"]]
+
+
+class Dramatiq(System):
+    def commands(self, context: RunContext) -> list[list[str]]:
+        return [[self.tool("dramatiq"), "dramatiq_actors", "--processes", "2", "--threads", "1", "--path", APPS_DIR]]
+
+
+SYSTEMS: dict[str, System] = {
+    system.name: system
+    for system in [
+        Taskvisor("taskvisor", "taskvisor", "taskvisor",
+                  "supervisor, 1 provider, maxConcurrentTasks 2, Python no-op driver, SQLite mirror", uses_taskvisor=True),
+        Celery("celery", "celery", "peers", "prefork pool, concurrency 2, acks_late, no result backend"),
+        Rq("rq-simple", "rq", "peers", "2 SimpleWorker processes (no fork per job), result_ttl 0"),
+        RqForking("rq-fork", "rq", "peers", "2 Worker processes (one fork per job), result_ttl 0"),
+        Arq("arq", "arq", "arq", "1 worker, max_jobs 2, poll_delay 0.002 s (default 0.5 s), keep_result 0"),
+        Dramatiq("dramatiq", "dramatiq", "peers", "Redis broker, 2 processes x 1 thread"),
+    ]
+}  # fmt: skip

@@ -1,0 +1,200 @@
+"""Benchmark taskvisor against Celery, RQ, arq and Dramatiq on one private Redis.
+
+Run it through bench/run, which prepares taskvisor's .venv, or directly with a Python
+that can import taskvisor's dependencies:
+
+    bench/run --quick
+    /tmp/tv-venv/bin/python bench/run.py --quick --only taskvisor,celery
+
+It starts one redis-server on a free 127.0.0.1 port (no persistence), installs the
+peers into bench/.venv-peers and bench/.venv-arq when their requirements changed, runs
+the throughput and latency measurements, interleaving the systems in every round,
+and writes bench/results/<name>.md and .json. docs/benchmarks.md explains the numbers.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import environment, report
+from harness.environment import BENCH_DIR, REPO_DIR
+from harness.measure import measure_latency, measure_throughput
+from harness.redis_server import PrivateRedis
+from harness.systems import SYSTEMS, RunContext
+
+QUICK = {"tasks": 2_000, "rq_fork_tasks": 500, "runs": 2, "latency_tasks": 300, "deadline": 120.0}
+FULL = {"tasks": 20_000, "rq_fork_tasks": 20_000, "runs": 3, "latency_tasks": 2_000, "deadline": 1200.0}
+# Seconds that the last paced task may take to finish after the producer sent it.
+LATENCY_DEADLINE_SECONDS = 30.0
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="2,000 tasks (500 for rq-fork), 2 runs and 300 latency tasks, about 2.5 minutes on 2 cores")
+    parser.add_argument("--only", metavar="NAME,...",
+                        help=f"systems to run, comma-separated, from: {', '.join(SYSTEMS)} [default: all]")
+    parser.add_argument("--measure", default="throughput,latency", metavar="KIND,...",
+                        help="measurements to run: throughput, latency or both [default: both]")
+    parser.add_argument("--runs", type=int, help="runs of each measurement [default: 2 quick, 3 full]")
+    parser.add_argument("--tasks", type=int, help="backlog size of the throughput runs [default: 2,000 quick, 20,000 full]")
+    parser.add_argument("--latency-tasks", type=int, help="tasks of a latency run [default: 300 quick, 2,000 full]")
+    parser.add_argument("--interval-ms", type=float, default=10.0, help="milliseconds between two latency tasks [default: 10]")
+    parser.add_argument("--taskvisor-rev", default="HEAD", metavar="REV",
+                        help="git revision of taskvisor to measure, extracted into bench/scratch [default: HEAD]")
+    parser.add_argument("--working-tree", action="store_true",
+                        help="measure the work tree as it is, uncommitted changes included, instead of --taskvisor-rev")
+    parser.add_argument("--name", default="latest", help="results file name without extension [default: latest]")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile taskvisor with py-spy during one throughput run instead of benchmarking,"
+                             " and write bench/results/profile-<name>.md")
+    arguments = parser.parse_args()
+
+    names = arguments.only.split(",") if arguments.only else list(SYSTEMS)
+    unknown = [name for name in names if name not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown system {', '.join(unknown)} in --only; expected names from: {', '.join(SYSTEMS)}")
+    arguments.systems = names
+    arguments.kinds = arguments.measure.split(",")
+    if any(kind not in ("throughput", "latency") for kind in arguments.kinds):
+        parser.error(f"invalid --measure value {arguments.measure!r}: expected throughput, latency or both, comma-separated")
+    return arguments
+
+
+def command_text() -> str:
+    """Return the command line as the user typed it. bench/run sets BENCH_LAUNCHER to its own name."""
+    launcher = os.environ.get("BENCH_LAUNCHER")
+    if launcher:
+        return shlex.join([launcher, *sys.argv[1:]])
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_DIR)
+    return shlex.join([sys.executable, script, *sys.argv[1:]])
+
+
+def settings_for(arguments: argparse.Namespace) -> dict:
+    defaults = QUICK if arguments.quick else FULL
+    tasks = arguments.tasks or defaults["tasks"]
+    return {
+        "tasks": tasks,
+        "rq_fork_tasks": min(tasks, defaults["rq_fork_tasks"]) if not arguments.tasks else tasks,
+        "runs": arguments.runs or defaults["runs"],
+        "latency_tasks": arguments.latency_tasks or defaults["latency_tasks"],
+        "interval_ms": arguments.interval_ms,
+        "deadline_seconds": defaults["deadline"],
+        "systems": arguments.systems,
+        "measurements": arguments.kinds,
+    }
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_benchmarks(server: PrivateRedis, scratch: str, taskvisor_dir: str, settings: dict) -> dict:
+    """Run every selected measurement, rounds outermost, so that load changes hit all systems alike."""
+    results: dict = {}
+    context = RunContext(server.url, scratch, taskvisor_dir)
+    if "throughput" in settings["measurements"]:
+        results["throughput"] = {}
+        for round_number in range(1, settings["runs"] + 1):
+            for name in settings["systems"]:
+                system = SYSTEMS[name]
+                count = settings["rq_fork_tasks"] if name == "rq-fork" else settings["tasks"]
+                summary = results["throughput"].setdefault(
+                    name, {"tasks": count, "description": system.description, "runs": []})
+                context.label = f"throughput-{round_number}"
+                run = measure_throughput(server, system, context, count, settings["deadline_seconds"])
+                summary["runs"].append(run)
+                progress(f"throughput {name} run {round_number}: {run.get('tasks_per_second', run.get('error'))} tasks/s"
+                         f" load={run['load_average_before'][0]}")  # fmt: skip
+    if "latency" in settings["measurements"]:
+        results["latency"] = {}
+        for round_number in range(1, settings["runs"] + 1):
+            for name in settings["systems"]:
+                if name == "rq-fork":
+                    continue
+                system = SYSTEMS[name]
+                summary = results["latency"].setdefault(
+                    name, {"tasks": settings["latency_tasks"], "description": system.description, "runs": []})
+                context.label = f"latency-{round_number}"
+                run = measure_latency(server, system, context, settings["latency_tasks"], settings["interval_ms"],
+                                      LATENCY_DEADLINE_SECONDS)  # fmt: skip
+                summary["runs"].append(run)
+                progress(f"latency {name} run {round_number}: p50={run.get('p50_ms')} ms p99={run.get('p99_ms')} ms"
+                         f" {run.get('error', '')} load={run.get('load_average_before', ['-'])[0]}")  # fmt: skip
+    return results
+
+
+def main() -> int:
+    arguments = parse_arguments()
+    settings = settings_for(arguments)
+    environment.ensure_peer_environments()
+    scratch = os.path.join(BENCH_DIR, "scratch", arguments.name)
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.makedirs(scratch)
+    if arguments.working_tree:
+        taskvisor_dir = REPO_DIR
+        commit = environment.working_tree_commit()
+    else:
+        taskvisor_dir = os.path.join(scratch, "taskvisor-src")
+        commit = environment.export_taskvisor(arguments.taskvisor_rev, taskvisor_dir)
+    environment.check_taskvisor_import(taskvisor_dir)
+
+    began = time.perf_counter()
+    server = PrivateRedis(os.path.join(scratch, "redis"))
+    server.start()
+    try:
+        results = {
+            "date": environment.now_text(),
+            "mode": "quick" if arguments.quick else "full",
+            "command": command_text(),
+            "machine": environment.machine_description(),
+            "versions": environment.collect_versions(server.version(), commit),
+            "load_average_start": environment.load_average(),
+            "settings": settings,
+        }
+        progress(f"private redis-server {results['versions']['redis_server']} on {server.url}; scratch {scratch}")
+        if arguments.profile:
+            from harness.profiling import profile_taskvisor
+
+            output_path = os.path.join(BENCH_DIR, "results", f"profile-{arguments.name}.md")
+            profile_taskvisor(server, RunContext(server.url, scratch, taskvisor_dir), settings["tasks"], output_path, results)
+            return 0
+        results.update(run_benchmarks(server, scratch, taskvisor_dir, settings))
+    finally:
+        server.stop()
+    results["load_average_end"] = environment.load_average()
+    results["total_seconds"] = round(time.perf_counter() - began, 1)
+    results["notes"] = notes_for(settings)
+    report.summarize(results)
+
+    text = report.markdown(results)
+    results_dir = os.path.join(BENCH_DIR, "results")
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, f"{arguments.name}.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)
+    with open(os.path.join(results_dir, f"{arguments.name}.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+        handle.write("\n")
+    print(text)
+    return 0
+
+
+def notes_for(settings: dict) -> list[str]:
+    notes = []
+    if settings["rq_fork_tasks"] != settings["tasks"] and "rq-fork" in settings["systems"]:
+        notes.append(f"rq-fork drains {settings['rq_fork_tasks']:,} tasks instead of {settings['tasks']:,}, because it"
+                     " forks one process per job; compare its tasks/s, not its seconds.")  # fmt: skip
+    if "latency" in settings["measurements"] and "rq-fork" in settings["systems"]:
+        notes.append("rq-fork has no latency row: it differs from rq-simple only in the fork per job.")
+    notes.append("Every system runs at the log level its command line uses by default, writing to a file in bench/scratch.")
+    return notes
+
+
+if __name__ == "__main__":
+    sys.exit(main())
