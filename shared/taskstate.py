@@ -112,6 +112,25 @@ class TaskState:
             return None
         return current
 
+    def claim_ids(self, specs: list[TaskSpec]) -> list[bool]:
+        """Reserve many task ids in two round trips; True where the id belongs to that entry."""
+        if not specs:
+            return []
+        index = self.keys.task_index()
+        pipe = self.client.pipeline(transaction=False)
+        for spec in specs:
+            pipe.hsetnx(index, spec.id, f"{spec.provider} {spec.entry}")
+        claimed = [bool(result) for result in pipe.execute()]
+        taken = [position for position, ok in enumerate(claimed) if not ok]
+        if taken:
+            pipe = self.client.pipeline(transaction=False)
+            for position in taken:
+                pipe.hget(index, specs[position].id)
+            for position, owner in zip(taken, pipe.execute(), strict=True):
+                spec = specs[position]
+                claimed[position] = _text(owner or b"") in ("", f"{spec.provider} {spec.entry}")
+        return claimed
+
     def admit(self, spec: TaskSpec, timeout: float, pipe: redis.client.Pipeline | None = None) -> object:
         """Register the task as pending unless it exists (used by the intake)."""
         provider = spec.provider
@@ -147,13 +166,18 @@ class TaskState:
             self.keys.busy(provider),
         ]
 
-    def start(self, spec: TaskSpec, timeout: float, owner: str, lease_ms: int) -> StartResult:
+    def start(self, spec: TaskSpec, timeout: float, owner: str, lease_ms: int, registered_only: bool = False) -> StartResult:
+        """Try to move the task to running for `owner`.
+
+        With `registered_only`, a task that nobody registered yet is not created here and
+        the reply is "unregistered": the caller must reserve its id with `claim_id` first.
+        """
         running_rule = instance_rule_while_running(spec.type)
         cancel_rule = instance_rule_after(spec.type, TaskStatus.CANCELLED)
         reply = self.scripts["start"](
             keys=self._task_keys(spec),
             args=[self.events_max_len, owner, lease_ms, running_rule, cancel_rule, WORKER_GROUP, spec.entry,
-                  *self.public_fields(spec, timeout)],
+                  "registered" if registered_only else "", *self.public_fields(spec, timeout)],
         )  # fmt: skip
         return StartResult(reply)
 

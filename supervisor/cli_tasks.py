@@ -136,7 +136,8 @@ def _check_provider(config: Config, provider: str) -> None:
     except redis.RedisError:
         pass
     known = ", ".join(sorted(config.providers))
-    fail(f"unknown provider '{provider}': the config defines {known}, and Redis adds none of that name")
+    fail(f"unknown provider '{provider}': known providers are {known} (from the config) and those added "
+         f"with `taskvisor provider add`")
 
 
 def _epoch(moment: datetime | None) -> float | None:
@@ -220,7 +221,12 @@ def cancel(config: Config, task_id: str, user: str, reason: str, provider_id: st
     """
     state = task_state(config)
     try:
-        provider = provider_id or state.locate(task_id)
+        located = state.locate(task_id)
+        if provider_id and located and located != provider_id:
+            fail(f"task '{task_id}' belongs to provider '{located}', not '{provider_id}'; nothing was changed")
+        if provider_id and not located:
+            _check_provider(config, provider_id)
+        provider = located or provider_id or None
         if provider is None:
             fail(f"task '{task_id}' not found in Redis: check the id, or pass --provider for a task that "
                  f"no supervisor has registered yet")

@@ -9,6 +9,7 @@ in each status.
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -240,10 +241,17 @@ def _follow_until_exit(
             supervisor.kill()
             supervisor.wait()
             break
-        printer.follow()
+        try:
+            printer.follow()
+        except BrokenPipeError:
+            # The terminal or pipe reading the demo is gone: stop printing, keep supervising.
+            sys.stdout = open(os.devnull, "w")
 
-    printer.drain()
-    click.echo(printer.summary())
+    try:
+        printer.drain()
+        click.echo(printer.summary())
+    except BrokenPipeError:
+        sys.stdout = open(os.devnull, "w")
     if forwarded and supervisor.returncode == 0:
         click.echo("the supervisor stopped, so Redis stops now", err=True)
         return 0

@@ -21,7 +21,7 @@ from shared.errors import InvalidEntry
 from shared.keys import Keys
 from shared.redaction import Redactor
 from shared.redis_client import connect
-from shared.schema import parse_entry
+from shared.schema import TaskSpec, parse_entry
 from shared.settings import Config
 from shared.taskstate import TaskState
 
@@ -97,8 +97,7 @@ class Intake:
         reply = self.client.xread(self.positions, count=READ_COUNT, block=READ_BLOCK_MS)
         if not reply:
             return
-        pipe = self.client.pipeline(transaction=False)
-        admitted: list[tuple[str, str]] = []
+        valid: list[tuple[TaskSpec, float]] = []
         for stream_name, items in reply:
             stream = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
             provider = self.streams[stream]
@@ -112,11 +111,16 @@ class Intake:
                     spec = parse_entry(provider, entry_id, fields)
                 except InvalidEntry:
                     continue
-                if self.state.claim_id(spec) is not None:
-                    continue
-                timeout = spec.timeout or settings.timeout_for(spec.type)
+                valid.append((spec, spec.timeout or settings.timeout_for(spec.type)))
+
+        # A duplicate id is left to the workers, which move its entry to the dead-letter stream.
+        claimed = self.state.claim_ids([spec for spec, _timeout in valid])
+        pipe = self.client.pipeline(transaction=False)
+        admitted: list[tuple[str, str]] = []
+        for (spec, timeout), ok in zip(valid, claimed, strict=True):
+            if ok:
                 self.state.admit(spec, timeout, pipe=pipe)
-                admitted.append((provider, spec.id))
+                admitted.append((spec.provider, spec.id))
         if not admitted:
             return
         for (provider, task_id), status in zip(admitted, pipe.execute(), strict=True):

@@ -12,7 +12,7 @@ import pytest
 from shared.keys import Keys
 from shared.redaction import Redactor
 from shared.taskstate import TaskState
-from tests.harness import REPO, command_provider, task_hash, wait_for, write_script
+from tests.harness import REPO, SupervisorProcess, command_provider, task_hash, wait_for, write_script
 
 TERMINAL = {"completed", "failed", "timeout", "cancelled"}
 
@@ -219,3 +219,26 @@ def test_instance_exclusion_survives_worker_crash(tmp_path, redis_server, start_
             first_starts[instance].append(task_id)
     assert first_starts == pushed
     assert sum(int(task_hash(client, "p", t)["attempts"]) for t in all_ids) == 26
+
+
+def test_cli_cancel_before_registration(tmp_path, redis_server, start_supervisor):
+    script = write_script(tmp_path / "op.sh", 'cat >/dev/null\necho "{}"\n')
+    client = redis_server.client()
+    client.xadd("taskvisor:{p}:tasks", {"id": "unseen", "type": "start", "instance": "vm-1", "user": "u"})
+    supervisor = SupervisorProcess(tmp_path, redis_server.url, f"sqlite:///{tmp_path / 'db.sqlite'}",
+                                   {"p": command_provider(script)})  # only its config file is used here
+
+    wrong = cli(supervisor.config_path, "cancel", "unseen", "--provider", "q")
+    assert wrong.returncode == 1
+    assert "unknown provider 'q'" in wrong.stderr
+    stored = cli(supervisor.config_path, "cancel", "unseen", "--provider", "p", "--reason", "too late")
+    assert stored.returncode == 0, stored.stderr
+    assert "unseen is not registered yet; the cancel request is stored" in stored.stdout
+
+    start_supervisor({"p": command_provider(script)})
+    wait_for(lambda: task_hash(client, "p", "unseen").get("status") == "cancelled", 10, "the stored cancel to apply")
+    assert task_hash(client, "p", "unseen")["cancel_reason"] == "too late"
+    assert task_hash(client, "p", "unseen")["started_at"] == ""
+    mismatch = cli(supervisor.config_path, "cancel", "unseen", "--provider", "other")
+    assert mismatch.returncode == 1
+    assert "belongs to provider 'p', not 'other'" in mismatch.stderr

@@ -119,7 +119,7 @@ def test_submit_unknown_provider(config_file):
     result = taskvisor("submit", "--provider", "pve-9", "--type", "start", "--instance", "vm-1", "--user", "u",
                        env={"TASKVISOR_CONFIG": str(config_file)})
     assert result.returncode != 0
-    assert "unknown provider 'pve-9': the config defines pve-1" in result.stderr
+    assert "unknown provider 'pve-9': known providers are pve-1" in result.stderr
 
 
 def test_get_unknown_task(config_file):

@@ -191,14 +191,17 @@ class Worker:
         except InvalidEntry as exc:
             self.state.dead_letter(self.provider, entry_id, fields, str(exc))
             return EXIT_OK, None
-        first_owner = self.state.claim_id(spec)
-        if first_owner is not None:
-            reason = f"duplicate task id '{spec.id}': already used by entry {first_owner}"
-            self.state.dead_letter(self.provider, entry_id, fields, reason)
-            return EXIT_OK, None
-
         timeout = spec.timeout or self.settings.timeout_for(spec.type)
-        started = self.state.start(spec, timeout, self.owner, self.lease_ms)
+        # Usually the intake has registered the task, and with it reserved the id, so one
+        # round trip suffices; otherwise reserve the id here and register it with the start.
+        started = self.state.start(spec, timeout, self.owner, self.lease_ms, registered_only=True)
+        if started.outcome == "unregistered":
+            first_owner = self.state.claim_id(spec)
+            if first_owner is not None:
+                reason = f"duplicate task id '{spec.id}': already used by entry {first_owner}"
+                self.state.dead_letter(self.provider, entry_id, fields, reason)
+                return EXIT_OK, None
+            started = self.state.start(spec, timeout, self.owner, self.lease_ms)
         if started.outcome == "cancel_requested":
             self.state.cancel(self.provider, spec.id, stored=True)
             started = self.state.start(spec, timeout, self.owner, self.lease_ms)

@@ -2,8 +2,9 @@
 -- KEYS: task hash, event stream, instance hash, lease key, task stream, instance queue,
 --       busy hash.
 -- ARGV: events maxlen, owner, lease ms, instance status while running (or 'keep'),
---       instance rule after a cancel, consumer group, stream entry id, then the
---       field/value pairs used when the task must be created.
+--       instance rule after a cancel, consumer group, stream entry id, 'registered' to
+--       refuse a task that is not registered yet, then the field/value pairs used when
+--       the task must be created.
 -- Returns one of:
 --   {'ok', attempts}           the worker owns the task now
 --   {'busy', holder}           another live worker holds its lease
@@ -11,6 +12,7 @@
 --   {'finished', status}       it has ended; the entry is acknowledged here
 --   {'cancel_requested'}       a stored cancel request must be applied first
 --   {'duplicate', entry}       the id belongs to an earlier entry
+--   {'unregistered'}           not registered yet, and ARGV 8 asked not to create it
 local task_key, events_key, instances_key, lease_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local stream_key, queue_key, busy_key = KEYS[5], KEYS[6], KEYS[7]
 local maxlen, owner, lease_ms, running_rule = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -18,7 +20,12 @@ local cancel_rule, group, entry = ARGV[5], ARGV[6], ARGV[7]
 
 local status = redis.call('HGET', task_key, 'status')
 if not status then
-  create_pending(task_key, events_key, maxlen, 8)
+  -- Whoever registers a task has reserved its id in the task index first, which is a
+  -- key of another slot, so a caller that has not done that asks to be refused here.
+  if ARGV[8] == 'registered' then
+    return {'unregistered'}
+  end
+  create_pending(task_key, events_key, maxlen, 9)
   status = 'pending'
 end
 local first_entry = redis.call('HGET', task_key, 'entry')
