@@ -24,12 +24,12 @@ from shared.redaction import redact_url
 from shared.redis_client import connect, ensure_group
 from shared.settings import Config
 from shared.store import open_store
-from supervisor.children import Child, ChildKey, Children
 from supervisor.checks import warn_about_commands, warn_about_unknown_streams
+from supervisor.children import Child, ChildKey, Children
+from supervisor.health_server import monitor_main
 from supervisor.intake import intake_main
 from supervisor.live_config import ConfigWatcher
 from supervisor.mirror import mirror_main
-from supervisor.monitor import monitor_main
 from supervisor.recovery import reassign_orphans
 from supervisor.status import publish_status
 from worker.drivers.reaping import enable_child_subreaper

@@ -1,7 +1,6 @@
-"""The monitor process: the HTTP health endpoint of one supervisor.
+"""The checks behind the health endpoint of one supervisor.
 
-The supervisor forks it like the intake and the mirror. It serves, on
-`health.address` and `health.port`, with the standard library's ThreadingHTTPServer:
+supervisor/health_server.py serves them over HTTP from the monitor process:
 
 - `/healthz`: 200 while the supervisor's main loop has run within
   `health.heartbeatTimeout` seconds, else 503. It shows only that the supervisor lives.
@@ -20,14 +19,8 @@ Redis, so a dead, stopped or silent process shows even while Redis is down.
 import logging
 import math
 import os
-import signal
-import socket
-import socketserver
 import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 import orjson
 import psutil
@@ -48,17 +41,14 @@ from shared.keys import Keys
 from shared.redaction import redact_url
 from shared.settings import Config
 from shared.store import Store, open_store
+from supervisor.prometheus import MetricsWriter
 from supervisor.status import STATUS_TTL_MS, status_key
-from worker.main import EXIT_BOOT_FAILURE, consumer_name
+from worker.main import consumer_name
 
 log = logging.getLogger(__name__)
 
 # Seconds that one Redis command of a check may take before the check fails.
 REDIS_CHECK_TIMEOUT_SECONDS = 2.0
-# Seconds a client gets to send its request before the connection is closed.
-REQUEST_TIMEOUT_SECONDS = 10.0
-# Seconds between two heartbeats of the monitor's main loop.
-LOOP_SECONDS = 0.5
 # psutil process states in which a process does not run.
 HALTED_STATES = {
     psutil.STATUS_ZOMBIE: "has exited and waits to be reaped (zombie)",
@@ -487,167 +477,3 @@ def _process_labels(slot: Slot) -> dict[str, str]:
 
 
 # -- Prometheus text format -----------------------------------------------------------------
-
-
-def escape_label_value(value: str) -> str:
-    """Escape a label value as the text format 0.0.4 requires: backslash, double quote, newline."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def format_sample_value(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-class MetricsWriter:
-    """Lines of the Prometheus text format: a HELP and a TYPE line before each family's samples."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str) -> None:
-        escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
-        self.lines.append(f"# HELP {name} {escaped}")
-        self.lines.append(f"# TYPE {name} {kind}")
-
-    def sample(self, name: str, labels: dict[str, str], value: float) -> None:
-        if labels:
-            pairs = ",".join(f'{key}="{escape_label_value(str(text))}"' for key, text in labels.items())
-            self.lines.append(f"{name}{{{pairs}}} {format_sample_value(value)}")
-        else:
-            self.lines.append(f"{name} {format_sample_value(value)}")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
-
-# -- HTTP --------------------------------------------------------------------------------
-
-
-class HealthHandler(BaseHTTPRequestHandler):
-    server_version = "taskvisor-health"
-    timeout = REQUEST_TIMEOUT_SECONDS
-    server: "HealthServer"
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        route = ROUTES.get(path)
-        if route is None:
-            self.send_json(404, {"error": f"not found: {path}", "paths": sorted(ROUTES)})
-            return
-        try:
-            route(self)
-        except Exception as exc:
-            log.exception("health request failed path=%s", path)
-            self.send_json(500, {"error": f"{type(exc).__name__}: {exc}"})
-
-    def send_json(self, code: int, body: dict) -> None:
-        self.send_body(code, "application/json", orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n")
-
-    def send_body(self, code: int, content_type: str, data: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("health request from %s: %s", self.address_string(), format % args)
-
-
-def _serve_json(check: Callable[["Monitor"], tuple[int, dict]]) -> Callable[[HealthHandler], None]:
-    def serve(handler: HealthHandler) -> None:
-        code, body = check(handler.server.monitor)
-        handler.send_json(code, body)
-
-    return serve
-
-
-def _serve_metrics(handler: HealthHandler) -> None:
-    text = handler.server.monitor.metrics()
-    handler.send_body(200, "text/plain; version=0.0.4; charset=utf-8", text.encode("utf-8"))
-
-
-ROUTES: dict[str, Callable[[HealthHandler], None]] = {
-    "/healthz": _serve_json(Monitor.healthz),
-    "/readyz": _serve_json(Monitor.readyz),
-    "/status": _serve_json(Monitor.status),
-    "/metrics": _serve_metrics,
-}
-
-
-class HealthServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], monitor: Monitor) -> None:
-        self.monitor = monitor
-        super().__init__(address, HealthHandler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind looks the host name up with socket.getfqdn, which can
-        # query DNS. The name is only used in CGI variables, so the address is used instead.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-
-
-class HealthServer6(HealthServer):
-    address_family = socket.AF_INET6
-
-
-def endpoint_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-class MonitorProcess:
-    def __init__(self, config: Config, table: HeartbeatTable) -> None:
-        self.config = config
-        self.monitor = Monitor(config, table)
-        self.stopping = False
-
-    def _on_term(self, signum: int, frame: object) -> None:
-        self.stopping = True
-
-    def run(self) -> int:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, self._on_term)
-        settings = self.config.health
-        server_class = HealthServer6 if ":" in settings.address else HealthServer
-        try:
-            server = server_class((settings.address, settings.port), self.monitor)
-        except OSError as exc:
-            log.error(
-                "health endpoint cannot listen on %s: %s; stop the process that uses the port, or change "
-                "health.port or health.address (health.enabled: false turns the endpoint off)",
-                endpoint_url(settings.address, settings.port), exc,
-            )  # fmt: skip
-            self.monitor.close()
-            return EXIT_BOOT_FAILURE
-        host, port = server.server_address[:2]
-        log.info("health endpoint listening url=%s pid=%d", endpoint_url(host, port), os.getpid())
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="http", daemon=True)
-        thread.start()
-
-        parent = os.getppid()
-        while not self.stopping:
-            if os.getppid() != parent:
-                log.warning("supervisor is gone; monitor exits pid=%d", os.getpid())
-                break
-            heartbeat.beat()
-            time.sleep(LOOP_SECONDS)
-        server.shutdown()
-        server.server_close()
-        self.monitor.close()
-        log.info("health endpoint stopped pid=%d", os.getpid())
-        return 0
-
-
-def monitor_main(config: Config, table: HeartbeatTable) -> int:
-    """Entry point in a freshly forked child; returns the process exit code."""
-    return MonitorProcess(config, table).run()

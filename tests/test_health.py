@@ -22,7 +22,8 @@ from shared.errors import ConfigError
 from shared.heartbeat import EXITED, LIVE, HeartbeatTable
 from shared.settings import load_config, parse_config
 from shared.store import open_store
-from supervisor.monitor import MetricsWriter, Monitor, escape_label_value
+from supervisor.monitor import Monitor
+from supervisor.prometheus import MetricsWriter, escape_label_value
 from tests.harness import REPO, command_provider, wait_for, write_script
 
 # A short timeout keeps the tests quick; 2 s is the smallest value the config accepts.

@@ -9,9 +9,9 @@ import yaml
 from click.testing import CliRunner, Result
 
 from shared.keys import Keys
-from supervisor.status import status_key
 from shared.store import InstanceRecord, TaskRecord, open_store
 from supervisor.cli_stats import nearest_rank, stats
+from supervisor.status import status_key
 from tests.harness import command_provider, write_script
 
 HOUR = 3600.0
