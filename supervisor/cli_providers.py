@@ -15,6 +15,7 @@ from shared.errors import ConfigError
 from shared.keys import PROVIDER_ID_PATTERN, Keys
 from shared.provider_settings import (
     PROVIDER_KEYS,
+    STATE_KEYS,
     config_channel,
     merge_provider,
     parse_value,
@@ -175,8 +176,8 @@ def set_provider(config: Config, config_path: str | None, provider_id: str, assi
 def unset_provider(config: Config, config_path: str | None, provider_id: str, names: tuple[str, ...]) -> None:
     """Drop settings set in Redis, so the config file's values apply again."""
     for name in names:
-        if name not in PROVIDER_KEYS and name != "paused":
-            fail(f"unknown key '{name}'; allowed: {', '.join(PROVIDER_KEYS)}, paused")
+        if name not in PROVIDER_KEYS and name not in STATE_KEYS:
+            fail(f"unknown key '{name}'; allowed: {', '.join(PROVIDER_KEYS + STATE_KEYS)}")
     settings = _check(config, config_path, provider_id, {}, remove=names)
     _redis_call(config, lambda: _write(open_redis(config), Keys(config.redis.prefix), provider_id, {}, remove=names))
     workers = settings.group_size if settings else 0

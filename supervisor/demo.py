@@ -23,6 +23,7 @@ import yaml
 
 from shared.errors import TaskvisorError
 from shared.keys import Keys
+from shared.provider_settings import settings_key
 from shared.settings import Config, load_config
 from shared.states import TaskStatus
 from supervisor.embedded import EmbeddedRedis
@@ -122,7 +123,7 @@ class StreamPrinter:
             f"{time.strftime('%H:%M:%S')} {fields.get('provider', ''):12} {fields.get('id', ''):28} "
             f"{fields.get('type', ''):14} {fields.get('instance') or '-':12} "
         )
-        progress = f" {float(fields.get('progress') or 0):3.0f}%  {detail[:70]}"
+        progress = f" {float(fields.get('progress') or 0):3.0f}%  {detail[:120]}"
         click.echo(line + click.style(f"{status:10}", fg=STATUS_COLOURS.get(status)) + progress)
 
     def print_rejected(self, provider: str, fields: dict[str, str]) -> None:
@@ -190,6 +191,7 @@ def run_demo(data_dir: str, port: int, task_count: int) -> int:
         stop_requests = StopRequests()
         stop_requests.install()
         _print_intro(config_path, embedded, data)
+        _print_settings_overrides(client, keys, list(config.providers))
         for provider, fields in demo_batch(task_count):
             client.xadd(keys.tasks(provider), fields)
         return _follow_until_exit(supervisor, printer, stop_requests, config, log_path)
@@ -257,6 +259,20 @@ def _follow_until_exit(
         return 0
     click.echo(f"the supervisor exited with code {supervisor.returncode}; see {log_path}", err=True)
     return supervisor.returncode if supervisor.returncode > 0 else 1
+
+
+def _print_settings_overrides(client: redis.Redis, keys: Keys, providers: list[str]) -> None:
+    """Say which provider settings an earlier run changed through Redis, because they still apply."""
+    for provider in providers:
+        fields = client.hgetall(settings_key(keys, provider))
+        if fields:
+            shown = " ".join(f"{name.decode()}={value.decode()}" for name, value in sorted(fields.items()))
+            names = " ".join(name.decode() for name in sorted(fields))
+            click.echo(
+                f"note: {provider} keeps settings changed earlier through Redis: {shown}; "
+                f"`taskvisor provider unset {provider} {names}` returns to examples/demo.yaml",
+                err=True,
+            )
 
 
 def _print_intro(config_path: Path, embedded: EmbeddedRedis, data: Path) -> None:
