@@ -6,7 +6,7 @@ and the table needs neither Redis nor a file. Slot 0 belongs to the supervisor. 
 each fork the supervisor gives the child a slot and writes who owns it. At each reap
 it marks the slot as exited, with the wait status, and keeps that record readable for
 a while before the slot is given out again. The child writes its own heartbeat into
-its slot. The monitor process reads the table to answer /healthz, /readyz, /status
+its slot. The monitor process reads the table to serve /healthz, /readyz, /status
 and /metrics.
 
 Each slot has two parts, and each part has one writer:

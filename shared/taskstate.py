@@ -169,7 +169,7 @@ class TaskState:
     def start(self, spec: TaskSpec, timeout: float, owner: str, lease_ms: int, registered_only: bool = False) -> StartResult:
         """Try to move the task to running for `owner`.
 
-        With `registered_only`, a task that nobody registered yet is not created here and
+        With `registered_only`, a task not registered yet is not created here and
         the reply is "unregistered": the caller must reserve its id with `claim_id` first.
         """
         running_rule = instance_rule_while_running(spec.type)

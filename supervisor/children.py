@@ -38,7 +38,7 @@ class Child(msgspec.Struct):
     provider: str = ""
     slot: int = -1
     started: float = 0.0
-    # Why the child was told to exit: "" (it was not), "resize", "restart" or "remove".
+    # Why the supervisor sent SIGTERM: "" (it did not), "resize", "restart" or "remove".
     retiring: str = ""
     # Index of the child's slot in the heartbeat table.
     heartbeat_slot: int = NO_SLOT

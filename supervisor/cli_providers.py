@@ -146,7 +146,12 @@ def list_providers(config: Config, config_path: str | None, as_json: bool) -> No
         return
     click.echo(f"{'PROVIDER':16} {'MODE':10} {'TARGET':>6} {'WORKERS':>7} {'BUSY':>4} {'QUEUED':>6} {'PAUSED':6} {'SOURCE':10} ERROR")
     for row in rows:
-        mode = "-" if row["allowConcurrentTasks"] is None else ("concurrent" if row["allowConcurrentTasks"] else "serial")
+        if row["allowConcurrentTasks"] is None:
+            mode = "-"
+        elif row["allowConcurrentTasks"]:
+            mode = "concurrent"
+        else:
+            mode = "serial"
         workers = f"{row['workers']}" + (f"+{row['retiring']}" if row["retiring"] else "")
         click.echo(
             f"{row['provider']:16} {mode:10} {row['target'] if row['target'] is not None else '-':>6} {workers:>7} "

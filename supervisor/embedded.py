@@ -78,7 +78,7 @@ class EmbeddedRedis:
             except redis.ConnectionError:
                 time.sleep(0.05)
         self.stop()
-        raise TaskvisorError(f"redis-server did not answer on port {self.port} within {START_TIMEOUT_SECONDS:.0f} s; see {log_file}")
+        raise TaskvisorError(f"redis-server did not respond on port {self.port} within {START_TIMEOUT_SECONDS:.0f} s; see {log_file}")
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -6,7 +6,6 @@ and `health.port` with the standard library's ThreadingHTTPServer.
 
 import logging
 import os
-import signal
 import socket
 import socketserver
 import threading
@@ -19,6 +18,7 @@ import orjson
 
 from shared import heartbeat
 from shared.heartbeat import HeartbeatTable
+from shared.process import stop_on_sigterm
 from shared.settings import Config
 from supervisor.monitor import Monitor
 from worker.main import EXIT_BOOT_FAILURE
@@ -113,12 +113,8 @@ class MonitorProcess:
         self.monitor = Monitor(config, table)
         self.stopping = False
 
-    def _on_term(self, signum: int, frame: object) -> None:
-        self.stopping = True
-
     def run(self) -> int:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, self._on_term)
+        stop_on_sigterm(self)
         settings = self.config.health
         server_class = HealthServer6 if ":" in settings.address else HealthServer
         try:

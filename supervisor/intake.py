@@ -11,7 +11,6 @@ workers, which move them to the dead-letter stream.
 
 import logging
 import os
-import signal
 import time
 
 import redis
@@ -19,6 +18,7 @@ import redis
 from shared import heartbeat
 from shared.errors import InvalidEntry
 from shared.keys import Keys
+from shared.process import stop_on_sigterm
 from shared.redaction import Redactor
 from shared.redis_client import connect
 from shared.schema import TaskSpec, parse_entry
@@ -39,12 +39,8 @@ class Intake:
         self.positions = {stream: "0-0" for stream in self.streams}
         self.stopping = False
 
-    def _on_term(self, signum: int, frame: object) -> None:
-        self.stopping = True
-
     def run(self) -> int:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, self._on_term)
+        stop_on_sigterm(self)
         self.client = connect(self.config.redis.url)
         self.state = TaskState(
             self.client,

@@ -38,7 +38,7 @@ from worker.main import consumer_name, worker_main
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
-# Seconds that a worker told to abort its task gets before SIGKILL.
+# Seconds that a worker gets after SIGUSR1 (abort the task) before SIGKILL.
 ABORT_MARGIN_SECONDS = 5.0
 SERVICE_STOP_SECONDS = 10.0
 # Minimum seconds between two identical "redis unavailable" warnings of the loop.

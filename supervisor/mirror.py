@@ -9,7 +9,6 @@ While the database is unreachable the events wait in Redis and the mirror retrie
 
 import logging
 import os
-import signal
 import time
 
 import redis
@@ -17,6 +16,7 @@ import redis
 from shared import heartbeat
 from shared.errors import StoreError
 from shared.keys import MIRROR_GROUP, Keys
+from shared.process import stop_on_sigterm
 from shared.redis_client import connect, ensure_group
 from shared.settings import Config
 from shared.store import open_store
@@ -101,12 +101,8 @@ class Mirror:
         self.stopping = False
         self.written = 0
 
-    def _on_term(self, signum: int, frame: object) -> None:
-        self.stopping = True
-
     def run(self) -> int:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, self._on_term)
+        stop_on_sigterm(self)
         self.client = connect(self.config.redis.url)
         self.store = open_store(self.config.database.url, self.config.base_dir)
         log.info("mirror started streams=%d pid=%d", len(self.streams), os.getpid())

@@ -1,4 +1,4 @@
-"""Private redis-server processes on free loopback ports, one per test that asks."""
+"""Private redis-server processes on free loopback ports, one per test that requests one."""
 
 import shutil
 import socket

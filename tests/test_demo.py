@@ -130,7 +130,9 @@ def test_demo_second_ctrl_c_stops_running_tasks(tmp_path, embedded_redis_binary)
         db_path = data_dir / "taskvisor.db"
         wait_for(lambda: len(running_rows(db_path)) == 3, 60, "3 running demo tasks")
         process.send_signal(signal.SIGINT)
-        time.sleep(1)
+        log_path = data_dir / "supervisor.log"
+        wait_for(lambda: "signal received signal=SIGINT; stopping" in log_path.read_text(), 10,
+                 "the supervisor to start its graceful stop")
         first_stop = time.monotonic()
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)

@@ -3,10 +3,12 @@
 A worker reads its provider's task stream through the `workers` consumer group. It
 first takes the entries already delivered to its consumer name (work a previous
 worker in the same slot left unfinished, or entries the supervisor handed over), then
-new ones. Signals: SIGTERM finishes the current task and exits; SIGUSR2 takes a
-SIGTERM back while the worker has not left its loop yet; SIGUSR1 stops the current
-task at once and puts it back to pending for redelivery; SIGINT is ignored because
-the supervisor, not the terminal, decides when workers stop.
+new ones. Signals:
+
+- SIGTERM finishes the current task and exits.
+- SIGUSR2 takes a SIGTERM back while the worker has not left its loop yet.
+- SIGUSR1 stops the current task at once and puts it back to pending for redelivery.
+- SIGINT is ignored, because the supervisor, not the terminal, decides when workers stop.
 """
 
 import logging
@@ -192,8 +194,8 @@ class Worker:
             self.state.dead_letter(self.provider, entry_id, fields, str(exc))
             return EXIT_OK, None
         timeout = spec.timeout or self.settings.timeout_for(spec.type)
-        # Usually the intake has registered the task, and with it reserved the id, so one
-        # round trip suffices; otherwise reserve the id here and register it with the start.
+        # Usually the intake has registered the task and reserved its id, so one round trip
+        # suffices. Otherwise the id is reserved here and the start registers the task.
         started = self.state.start(spec, timeout, self.owner, self.lease_ms, registered_only=True)
         if started.outcome == "unregistered":
             first_owner = self.state.claim_id(spec)
@@ -210,7 +212,7 @@ class Worker:
             self.state.dead_letter(self.provider, entry_id, fields, reason)
             return EXIT_OK, None
         if started.outcome != "ok":
-            # "busy", "wait" or "finished": another worker holds it, an earlier task of the
+            # "busy", "wait" or "finished": another worker runs it, an earlier task of the
             # same instance runs first, or it has ended. The first two stay delivered to
             # this consumer and are looked at again on a later pass.
             log.debug("task not started task_id=%s provider=%s outcome=%s detail=%s", spec.id, self.provider, started.outcome, started.detail)

@@ -74,7 +74,7 @@ class CancelWatcher:
     """Stops the current task's driver when a cancel request for it arrives.
 
     It listens on the cancel channel for an immediate notice and also looks at the task
-    hash every second, so a notice published while nobody listened is not missed. A
+    hash every second, so a notice published while no worker listened is not missed. A
     request that a producer stored in the hash is applied here through the cancel script.
     """
 

@@ -20,8 +20,8 @@ local cancel_rule, group, entry = ARGV[5], ARGV[6], ARGV[7]
 
 local status = redis.call('HGET', task_key, 'status')
 if not status then
-  -- Whoever registers a task has reserved its id in the task index first, which is a
-  -- key of another slot, so a caller that has not done that asks to be refused here.
+  -- Registering a task requires its id reserved in the task index first. That key is in
+  -- another slot, so a caller that has not reserved the id requests a refusal here.
   if ARGV[8] == 'registered' then
     return {'unregistered'}
   end

@@ -21,7 +21,7 @@ from shared.errors import DriverError
 
 
 class TaskContext:
-    """What a driver method knows about its task and how it reports back.
+    """The task a driver method runs, and the channel for its progress reports.
 
     `data` is the task's `data` object as the producer sent it, secrets included; never
     log it. `deadline` is a `time.monotonic()` value. `cancelled` is set when the task
