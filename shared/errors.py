@@ -22,11 +22,16 @@ class DriverError(TaskvisorError):
 
 
 class TaskFailed(TaskvisorError):
-    """Raised by a driver to end a task as `failed` with this message."""
+    """Raised by a driver to end a task as `failed` with this message.
 
-    def __init__(self, message: str, result: dict | None = None) -> None:
+    `retry=False` says that trying again cannot help (bad input, a missing instance), so
+    the task fails at once even when the provider allows automatic retries.
+    """
+
+    def __init__(self, message: str, result: dict | None = None, retry: bool = True) -> None:
         super().__init__(message)
         self.result = result
+        self.retry = retry
 
 
 class TaskNotFound(TaskvisorError):

@@ -61,6 +61,14 @@ class Keys:
         """Hash of worker owner (`<consumer>:<pid>`) to `<task id> <start time>` while it runs a task."""
         return f"{self.prefix}:{{{provider}}}:busy"
 
+    def retries(self, provider: str) -> str:
+        """Sorted set of entry ids waiting for an automatic retry, scored by due time in milliseconds."""
+        return f"{self.prefix}:{{{provider}}}:retries"
+
+    def limit(self, provider: str) -> str:
+        """How many tasks of the provider may run at once, across all supervisors (written by them)."""
+        return f"{self.prefix}:{{{provider}}}:limit"
+
     def task_index(self) -> str:
         """Hash of task id to `<provider> <entry id>`, which keeps task ids unique across providers."""
         return f"{self.prefix}:task-index"

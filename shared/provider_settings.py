@@ -23,6 +23,7 @@ from shared.settings import ProviderConfig, parse_provider
 # Keys of a provider that the settings hash may set, besides `paused` and `removed`.
 PROVIDER_KEYS = (
     "allowConcurrentTasks", "maxConcurrentTasks", "taskPollInterval", "enableTaskPolling", "timeouts", "driver",
+    "onInterrupt", "maxInterruptedRuns", "maxRetries", "retryBackoffBase", "retryBackoffCap",
 )  # fmt: skip
 STATE_KEYS = ("paused", "removed")
 SOURCE = "redis provider settings"
@@ -73,7 +74,8 @@ def read_overrides(client: redis.Redis, keys: Keys, file_providers: list[str]) -
             try:
                 fields[name] = parse_value(name, value_bytes.decode("utf-8", "replace"))
             except ConfigError as exc:
-                errors[provider] = f"{provider}: {exc}"
+                earlier = errors.get(provider)
+                errors[provider] = f"{earlier}; {exc}" if earlier else f"{provider}: {exc}"
         if fields or provider in added:
             overrides[provider] = fields
     return overrides, errors

@@ -20,6 +20,13 @@ USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 # Plain decimal notation only, so every producer language writes and reads it the same way.
 TIMEOUT_PATTERN = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,6})?$")
 
+# Protocol versions: an entry may carry `v` = "<major>" or "<major>.<minor>", and without
+# it, it is version 1. A minor version only adds optional fields, which older readers
+# ignore, so only the major version decides whether this supervisor can read an entry.
+PROTOCOL_VERSION = "1"
+SUPPORTED_MAJOR_VERSIONS = (1,)
+VERSION_PATTERN = re.compile(r"^([0-9]{1,4})(\.[0-9]{1,4})?$")
+
 MAX_DATA_BYTES = 65536
 # A week: a longer task timeout is taken as a unit mistake (milliseconds for seconds).
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
@@ -64,6 +71,23 @@ def _check_pattern(name: str, value: str, pattern: re.Pattern, rule: str) -> str
     return value
 
 
+def check_version(text: str) -> None:
+    """Raise InvalidEntry unless `text` names a protocol version this supervisor reads."""
+    supported = " or ".join(str(major) for major in SUPPORTED_MAJOR_VERSIONS)
+    match = VERSION_PATTERN.match(text)
+    if match is None:
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise InvalidEntry(
+            f"field 'v' has invalid value {shown!r}: expected a protocol version such as 1 or 1.2; "
+            f"this supervisor reads version {supported}"
+        )
+    if int(match.group(1)) not in SUPPORTED_MAJOR_VERSIONS:
+        raise InvalidEntry(
+            f"field 'v' has unsupported protocol version {text!r}: this supervisor reads version {supported} "
+            f"(send v={PROTOCOL_VERSION} or leave the field out), or upgrade taskvisor"
+        )
+
+
 def parse_timeout(text: str) -> float:
     """Parse a timeout in seconds, raising InvalidEntry unless it is a positive decimal number."""
     if not TIMEOUT_PATTERN.match(text):
@@ -99,6 +123,11 @@ def parse_entry(provider: str, entry_id: str, fields: dict) -> TaskSpec:
     contract does not define are ignored, so producers can add their own.
     """
     fields = {(name.decode("utf-8", "replace") if isinstance(name, bytes) else name): value for name, value in fields.items()}
+    # The version comes first because it decides how the other fields are read.
+    version_text = _text(fields, "v")
+    if version_text:
+        check_version(version_text)
+
     task_id = _text(fields, "id")
     if task_id is None or task_id == "":
         task_id = derive_task_id(provider, entry_id)

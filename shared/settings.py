@@ -12,7 +12,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import redis
@@ -21,13 +21,15 @@ import yaml
 from shared.errors import ConfigError
 from shared.keys import PROVIDER_ID_PATTERN
 from shared.redaction import redact_url
-from shared.states import DEFAULT_TIMEOUTS, TaskType
+from shared.states import DEFAULT_TIMEOUTS, IDEMPOTENT_TYPES, TaskType
 from shared.store import ACCEPTED_FORMS as DATABASE_URL_FORMS
 
 PLACEHOLDERS = ("id", "instance", "user", "provider", "type")
 PLACEHOLDER_PATTERN = re.compile(r"\{([^{}]*)\}")
 
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)]
+InterruptAction = Literal["rerun", "probe", "fail"]
+INTERRUPT_ACTIONS = ("rerun", "probe", "fail")
 
 TASK_TYPE_NAMES = ", ".join(TaskType)
 
@@ -52,6 +54,8 @@ class DriverConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True, f
     type: str
     # command driver: per task type an argv list, run without a shell
     commands: dict[str, list[str]] = {}
+    # command driver: per task type an argv list that reports what an interrupted run did
+    probes: dict[str, list[str]] = {}
     # seconds between SIGTERM and SIGKILL when a task must stop
     kill_grace: Annotated[float, msgspec.Meta(ge=0, le=600)] = 5.0
     # command driver: working directory of the commands (default: the config file's folder)
@@ -74,6 +78,16 @@ class ProviderConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True,
     timeouts: dict[TaskType, PositiveSeconds] = {}
     # true: no worker takes tasks; they wait in the stream (set by `taskvisor provider pause`)
     paused: bool = False
+    # per task type: what a worker does with a task whose earlier run was interrupted
+    # (its worker died, or a shutdown stopped it): rerun, probe or fail
+    on_interrupt: dict[TaskType, InterruptAction] = {}
+    # runs that ended with their worker dead after which a task is failed as poison
+    max_interrupted_runs: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+    # per task type: automatic retries after a failure or timeout (0, the default, for none)
+    max_retries: dict[TaskType, Annotated[int, msgspec.Meta(ge=0, le=100)]] = {}
+    # seconds before the first automatic retry; each later one waits twice as long, up to the cap
+    retry_backoff_base: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 2.0
+    retry_backoff_cap: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 300.0
 
     @property
     def group_size(self) -> int:
@@ -84,12 +98,27 @@ class ProviderConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True,
     def timeout_for(self, task_type: TaskType) -> float:
         return self.timeouts.get(task_type, DEFAULT_TIMEOUTS[task_type])
 
+    def interrupt_action_for(self, task_type: TaskType) -> str:
+        default = "rerun" if task_type in IDEMPOTENT_TYPES else "probe"
+        return self.on_interrupt.get(task_type, default)
+
+    def retries_for(self, task_type: TaskType) -> int:
+        return self.max_retries.get(task_type, 0)
+
+    def retry_delay(self, retry_number: int) -> float:
+        """Seconds before automatic retry number `retry_number` (1 for the first)."""
+        return min(self.retry_backoff_cap, self.retry_backoff_base * 2 ** max(0, retry_number - 1))
+
 
 class RedisConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
     prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] = "taskvisor"
-    # approximate maximum length of each provider's event stream
-    events_max_len: Annotated[int, msgspec.Meta(ge=1000)] = 100_000
+    # seconds that events stay in a provider's event stream after the SQL mirror wrote
+    # them, for panels that read the stream; unwritten events are never trimmed
+    events_retention: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] = 3600.0
+    # 0 (the default): no cap. Otherwise an approximate cap on each event stream's length
+    # that trims even events the mirror has not written; see docs/configuration.md
+    events_max_len: Annotated[int, msgspec.Meta(ge=0)] = 0
     # approximate maximum length of each provider's dead-letter stream
     dead_max_len: Annotated[int, msgspec.Meta(ge=100)] = 10_000
 
@@ -263,22 +292,34 @@ def _check_mappings(provider: str, raw: dict, source: str) -> None:
     checked before the provider as a whole, and an error names the exact key.
     """
     location = f"providers.{provider}"
-    timeouts = raw.get("timeouts")
-    if isinstance(timeouts, dict):
-        for key, value in timeouts.items():
+    per_type = (
+        ("timeouts", PositiveSeconds),
+        ("onInterrupt", InterruptAction),
+        ("maxRetries", Annotated[int, msgspec.Meta(ge=0, le=100)]),
+    )
+    for name, value_type in per_type:
+        mapping = raw.get(name)
+        if not isinstance(mapping, dict):
+            continue
+        for key, value in mapping.items():
             if key not in TaskType.__members__.values():
                 close = difflib.get_close_matches(str(key), list(TaskType), n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(
-                    f"{source}: unknown task type {key!r} at {location}.timeouts.{key}{_describe_value(value, [])}: "
+                    f"{source}: unknown task type {key!r} at {location}.{name}.{key}{_describe_value(value, [])}: "
                     f"allowed task types are {TASK_TYPE_NAMES}{hint}"
                 )
-            _check_entry(value, PositiveSeconds, f"{location}.timeouts.{key}", source)
+            if name == "onInterrupt" and value not in INTERRUPT_ACTIONS:
+                raise ConfigError(
+                    f"{source}: invalid value at {location}.{name}.{key} ({value!r}): "
+                    f"expected one of {', '.join(INTERRUPT_ACTIONS)}"
+                )
+            _check_entry(value, value_type, f"{location}.{name}.{key}", source)
 
     driver = raw.get("driver")
     if not isinstance(driver, dict):
         return
-    for name, value_type in (("commands", list[str]), ("env", str)):
+    for name, value_type in (("commands", list[str]), ("probes", list[str]), ("env", str)):
         mapping = driver.get(name)
         if not isinstance(mapping, dict):
             continue
@@ -351,36 +392,49 @@ def _check_health(health: HealthConfig, source: str) -> None:
         )
 
 
+def _check_argv_mapping(mapping: dict[str, list[str]], location: str, source: str) -> None:
+    """Check a task type -> argv mapping of the command driver (`commands` or `probes`)."""
+    for type_name, argv in mapping.items():
+        if type_name not in TaskType.__members__.values():
+            allowed = ", ".join(TaskType)
+            raise ConfigError(f"{source}: unknown task type '{type_name}' under {location}; allowed: {allowed}")
+        if not argv or not all(isinstance(arg, str) and arg for arg in argv):
+            raise ConfigError(f"{source}: {location}.{type_name} must be a non-empty list of non-empty strings")
+        for arg in argv:
+            for name in PLACEHOLDER_PATTERN.findall(arg):
+                if name not in PLACEHOLDERS:
+                    allowed = ", ".join("{" + item + "}" for item in PLACEHOLDERS)
+                    raise ConfigError(
+                        f"{source}: unknown placeholder '{{{name}}}' in {location}.{type_name}; allowed: {allowed}"
+                    )
+                if arg != "{" + name + "}":
+                    # Substituting inside a longer argument would let an id change its meaning.
+                    raise ConfigError(
+                        f"{source}: placeholder '{{{name}}}' in {location}.{type_name} argument {arg!r} "
+                        f"must be a whole argument: write it as a separate list item, or read the value from "
+                        f"the task JSON on stdin or the TASKVISOR_* environment variables"
+                    )
+
+
 def _check_driver(provider: str, driver: DriverConfig, source: str) -> None:
     location = f"providers.{provider}.driver"
     if driver.type == "command":
         if not driver.commands:
             raise ConfigError(f"{source}: {location}.commands is empty: give an argv list for each task type it runs")
-        for type_name, argv in driver.commands.items():
-            if type_name not in TaskType.__members__.values():
-                allowed = ", ".join(TaskType)
-                raise ConfigError(f"{source}: unknown task type '{type_name}' under {location}.commands; allowed: {allowed}")
-            if not argv or not all(isinstance(arg, str) and arg for arg in argv):
-                raise ConfigError(
-                    f"{source}: {location}.commands.{type_name} must be a non-empty list of non-empty strings"
-                )
-            for arg in argv:
-                for name in PLACEHOLDER_PATTERN.findall(arg):
-                    if name not in PLACEHOLDERS:
-                        allowed = ", ".join("{" + item + "}" for item in PLACEHOLDERS)
-                        raise ConfigError(
-                            f"{source}: unknown placeholder '{{{name}}}' in {location}.commands.{type_name}; allowed: {allowed}"
-                        )
-                    if arg != "{" + name + "}":
-                        # Substituting inside a longer argument would let an id change its meaning.
-                        raise ConfigError(
-                            f"{source}: placeholder '{{{name}}}' in {location}.commands.{type_name} argument {arg!r} "
-                            f"must be a whole argument: write it as a separate list item, or read the value from "
-                            f"the task JSON on stdin or the TASKVISOR_* environment variables"
-                        )
+        _check_argv_mapping(driver.commands, f"{location}.commands", source)
+        _check_argv_mapping(driver.probes, f"{location}.probes", source)
+    elif driver.type == "docker":
+        # Imported here because worker.drivers imports this module.
+        from worker.drivers.docker import DockerOptionsError, parse_options
+
+        try:
+            parse_options(driver.options)
+        except DockerOptionsError as error:
+            raise ConfigError(f"{source}: {error.describe(f'{location}.options')}") from None
     elif not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", driver.type):
         raise ConfigError(
-            f"{source}: invalid value at {location}.type ({driver.type!r}): expected 'command' or a Python class as 'module:Class'"
+            f"{source}: invalid value at {location}.type ({driver.type!r}): "
+            f"expected 'command' or a Python class as 'module:Class' (or 'docker')"
         )
 
 
@@ -394,6 +448,11 @@ def parse_provider(provider: str, raw: Any, source: str) -> ProviderConfig:
     except msgspec.ValidationError as error:
         _raise_validation(error, raw, f"providers.{provider}", source, ProviderConfig)
     _check_driver(provider, settings.driver, source)
+    if settings.retry_backoff_cap < settings.retry_backoff_base:
+        raise ConfigError(
+            f"{source}: providers.{provider}.retryBackoffCap ({settings.retry_backoff_cap:g}) is less than "
+            f"retryBackoffBase ({settings.retry_backoff_base:g}): the cap must be at least the first delay"
+        )
     return settings
 
 
@@ -414,6 +473,11 @@ def parse_config(raw: Any, source: str, base_dir: str) -> Config:
     _check_redis_url(config.redis.url, f"{source}: invalid value at redis.url")
     _check_database_url(config.database.url, f"{source}: invalid value at database.url")
     _check_health(config.health, source)
+    if 0 < config.redis.events_max_len < 1000:
+        raise ConfigError(
+            f"{source}: invalid value at redis.eventsMaxLen ({config.redis.events_max_len}): "
+            f"expected 0 (no cap) or at least 1000"
+        )
 
     providers = {str(name): parse_provider(str(name), value, source) for name, value in config.providers.items()}
     supervisor = config.supervisor

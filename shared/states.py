@@ -64,6 +64,11 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
     TaskStatus.CANCELLED: frozenset(),
 }
 
+# Types that are safe to run again after an interrupted run: running them twice ends
+# in the same place as running them once. The others (create, delete, reset) are not
+# repeated blindly; see `onInterrupt` in docs/configuration.md.
+IDEMPOTENT_TYPES = frozenset({TaskType.START, TaskType.STOP, TaskType.RESTART, TaskType.RESET_PASSWORD})
+
 # Default timeouts in seconds, counted from the moment a worker starts the task.
 DEFAULT_TIMEOUTS: dict[TaskType, float] = {
     TaskType.CREATE: 1800,
@@ -133,6 +138,9 @@ INSTANCE_ON_CANCEL: dict[TaskType, InstanceStatus | None] = {
     TaskType.RESET_PASSWORD: None,
 }
 
+# Statuses an instance has only while one of its tasks runs.
+TRANSITIONAL_INSTANCE_STATUSES = frozenset(status for status in INSTANCE_WHILE_RUNNING.values() if status is not None)
+
 # Instructions understood by the Lua scripts for the instance hash.
 INSTANCE_KEEP = "keep"
 INSTANCE_RESTORE = "restore"
@@ -157,6 +165,17 @@ def instance_rule_after(task_type: TaskType, status: TaskStatus) -> str:
         table = INSTANCE_ON_FAILURE
     target = table[task_type]
     return INSTANCE_RESTORE if target is None else str(target)
+
+
+def instance_rule_given_up(task_type: TaskType) -> str:
+    """The instance instruction when an interrupted run is given up (no probe, or poison).
+
+    Nobody knows what the interrupted run left behind, so the instance is marked as
+    needing attention, except for types that never touch the instance status.
+    """
+    if INSTANCE_WHILE_RUNNING[task_type] is None:
+        return INSTANCE_KEEP
+    return str(InstanceStatus.ERROR)
 
 
 def instance_rule_while_running(task_type: TaskType) -> str:

@@ -17,15 +17,21 @@ from shared.redaction import Redactor
 from shared.schema import TaskSpec
 from shared.states import (
     TERMINAL_STATUSES,
+    TRANSITIONAL_INSTANCE_STATUSES,
+    InstanceStatus,
     TaskStatus,
     instance_rule_after,
+    instance_rule_given_up,
     instance_rule_while_running,
     lua_transition_table,
 )
 
 log = logging.getLogger(__name__)
 
-SCRIPT_NAMES = ("admit", "take", "start", "finish", "progress", "renew", "dead_letter", "cancel")
+SCRIPT_NAMES = (
+    "admit", "take", "start", "finish", "progress", "renew", "dead_letter", "cancel", "due", "release", "expire",
+    "repair", "retry",
+)  # fmt: skip
 
 
 def _script_source(name: str) -> str:
@@ -42,15 +48,24 @@ def _text(value: object) -> str:
 
 
 class StartResult:
-    """The reply of start.lua: whether the worker now owns the task, and why not."""
+    """The reply of start.lua: whether the worker now owns the task, and why not.
+
+    `outcome` "ok" and "probe" mean the worker owns the task; `attempts` then counts
+    this run and `retries` the automatic retries before it.
+    """
 
     def __init__(self, reply: list) -> None:
         self.outcome = _text(reply[0])
         self.detail = _text(reply[1]) if len(reply) > 1 else ""
+        self.retries = int(_text(reply[2])) if len(reply) > 2 else 0
+
+    @property
+    def owned(self) -> bool:
+        return self.outcome in ("ok", "probe")
 
     @property
     def attempts(self) -> int:
-        return int(self.detail) if self.outcome == "ok" else 0
+        return int(self.detail) if self.owned else 0
 
 
 class FinishResult:
@@ -166,18 +181,35 @@ class TaskState:
             self.keys.busy(provider),
         ]
 
-    def start(self, spec: TaskSpec, timeout: float, owner: str, lease_ms: int, registered_only: bool = False) -> StartResult:
+    def start(
+        self,
+        spec: TaskSpec,
+        timeout: float,
+        owner: str,
+        lease_ms: int,
+        registered_only: bool = False,
+        on_interrupt: str = "rerun",
+        poison_runs: int = 3,
+        limit: int = -1,
+    ) -> StartResult:
         """Try to move the task to running for `owner`.
 
         With `registered_only`, a task not registered yet is not created here and
         the reply is "unregistered": the caller must reserve its id with `claim_id` first.
+        `on_interrupt` says what happens when the task's previous run was interrupted
+        ("rerun", "probe" or "fail"), `poison_runs` after how many runs lost with their
+        worker the task is failed as poison, and `limit` how many tasks of the provider may
+        run at once across all supervisors (-1 for no limit); a limit the supervisors
+        wrote to Redis replaces it.
         """
         running_rule = instance_rule_while_running(spec.type)
         cancel_rule = instance_rule_after(spec.type, TaskStatus.CANCELLED)
+        given_up_rule = instance_rule_given_up(spec.type)
         reply = self.scripts["start"](
-            keys=self._task_keys(spec),
+            keys=[*self._task_keys(spec), self.keys.dead(spec.provider), self.keys.limit(spec.provider)],
             args=[self.events_max_len, owner, lease_ms, running_rule, cancel_rule, WORKER_GROUP, spec.entry,
-                  "registered" if registered_only else "", *self.public_fields(spec, timeout)],
+                  "registered" if registered_only else "", on_interrupt, poison_runs, limit, given_up_rule,
+                  self.dead_max_len, *self.public_fields(spec, timeout)],
         )  # fmt: skip
         return StartResult(reply)
 
@@ -188,17 +220,24 @@ class TaskState:
         status: TaskStatus,
         fields: dict[str, str],
         handoff_consumer: str = "",
+        retry_due_ms: int | None = None,
+        instance_rule: str | None = None,
     ) -> FinishResult:
-        """Move an owned task to `status`, and hand the instance's next task to `handoff_consumer`."""
+        """Move an owned task to `status`, and hand the instance's next task to `handoff_consumer`.
+
+        With `retry_due_ms` (a Unix time in milliseconds) the task goes back to pending
+        and is scheduled for an automatic retry then. `instance_rule` replaces the
+        instance rule of `status` for this task type.
+        """
         pairs: list[str] = []
         for name, value in fields.items():
             pairs += [name, value]
-        rule = instance_rule_after(spec.type, status)
+        rule = instance_rule or instance_rule_after(spec.type, status)
         cancel_rule = instance_rule_after(spec.type, TaskStatus.CANCELLED)
         reply = self.scripts["finish"](
-            keys=self._task_keys(spec),
+            keys=[*self._task_keys(spec), self.keys.retries(spec.provider)],
             args=[self.events_max_len, owner, str(status), rule, cancel_rule, WORKER_GROUP, spec.entry,
-                  handoff_consumer, *pairs],
+                  handoff_consumer, "" if retry_due_ms is None else str(retry_due_ms), *pairs],
         )  # fmt: skip
         result = FinishResult(reply)
         if result.outcome != "ok":
@@ -261,6 +300,62 @@ class TaskState:
             args=[self.dead_max_len, WORKER_GROUP, entry_id, reason, orjson.dumps(readable).decode()],
         )
         log.warning("entry rejected provider=%s entry=%s reason=%s", provider, entry_id, reason)
+
+    def take_due_retry(self, provider: str, consumer: str) -> tuple[str, dict] | float | None:
+        """Claim the first due automatic retry for `consumer`.
+
+        Returns (entry id, fields), or the Unix time in seconds when the next retry is
+        due, or None when no retry waits.
+        """
+        reply = self.scripts["due"](keys=[self.keys.retries(provider), self.keys.tasks(provider)], args=[WORKER_GROUP, consumer])
+        kind = _text(reply[0])
+        if kind == "entry":
+            flat = reply[2]
+            return _text(reply[1]), {flat[index]: flat[index + 1] for index in range(0, len(flat), 2)}
+        if kind == "gone":
+            return 0.0
+        due = _text(reply[1]) if len(reply) > 1 else ""
+        return float(due) / 1000 if due else None
+
+    def release_owner(self, provider: str, owner: str) -> str:
+        """Release the lease and busy entry of a worker known to be dead; returns the task id released."""
+        reply = self.scripts["release"](keys=[self.keys.busy(provider)], args=[owner, self.keys.lease(provider, "")])
+        return _text(reply)
+
+    def expire_overdue(self, provider: str, task_id: str, task_type: str, instance: str, slack: float) -> list[str]:
+        """End a task still running `slack` seconds past its timeout; see expire.lua for the reply."""
+        keys = [
+            self.keys.task(provider, task_id), self.keys.events(provider), self.keys.instances(provider),
+            self.keys.lease(provider, task_id), self.keys.tasks(provider), self.keys.instance_queue(provider, instance),
+            self.keys.busy(provider),
+        ]  # fmt: skip
+        rules = [instance_rule_after(task_type, TaskStatus.TIMEOUT), instance_rule_after(task_type, TaskStatus.CANCELLED)]
+        reply = self.scripts["expire"](keys=keys, args=[self.events_max_len, WORKER_GROUP, f"{slack:.3f}", *rules])
+        return [_text(item) for item in reply]
+
+    def repair_instance(self, provider: str, instance: str) -> str:
+        """Set an instance stuck in a transitional status with no unfinished task to `error`.
+
+        Returns the status it had, or '' when it needed no repair.
+        """
+        keys = [
+            self.keys.instances(provider), self.keys.events(provider), self.keys.tasks(provider),
+            self.keys.instance_queue(provider, instance),
+        ]  # fmt: skip
+        args = [self.events_max_len, provider, instance, str(InstanceStatus.ERROR), *sorted(TRANSITIONAL_INSTANCE_STATUSES)]
+        return _text(self.scripts["repair"](keys=keys, args=args))
+
+    def retry(self, provider: str, task_id: str, requested_by: str, entry_fields: dict[str, str]) -> list[str]:
+        """Put an ended task back in line as a new stream entry; see retry.lua for the reply."""
+        pairs: list[str] = []
+        for name, value in entry_fields.items():
+            pairs += [name, value]
+        keys = [self.keys.task(provider, task_id), self.keys.events(provider), self.keys.tasks(provider)]
+        reply = self.scripts["retry"](keys=keys, args=[self.events_max_len, requested_by, *pairs])
+        result = [_text(item) for item in reply]
+        if result[0] == "ok":
+            self.client.hset(self.keys.task_index(), task_id, f"{provider} {result[1]}")
+        return result
 
     def read(self, provider: str, task_id: str) -> dict[str, str]:
         raw = self.client.hgetall(self.keys.task(provider, task_id))

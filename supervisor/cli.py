@@ -13,7 +13,7 @@ from supervisor.cli_common import connection_options, fail, store_call
 from supervisor.cli_health import health
 from supervisor.cli_providers import provider
 from supervisor.cli_stats import stats
-from supervisor.cli_tasks import cancel, get, list_tasks, submit
+from supervisor.cli_tasks import cancel, get, list_tasks, retry, submit
 
 
 def _version() -> str:
@@ -100,6 +100,7 @@ cli.add_command(submit)
 cli.add_command(get)
 cli.add_command(list_tasks)
 cli.add_command(cancel)
+cli.add_command(retry)
 cli.add_command(provider)
 cli.add_command(stats)
 cli.add_command(health)

@@ -1,4 +1,4 @@
-"""Task commands of the `taskvisor` command line: submit, get, list, cancel."""
+"""Task commands of the `taskvisor` command line: submit, get, list, cancel, retry."""
 
 import sys
 import time
@@ -30,7 +30,7 @@ LIST_LIMIT_MAX = 500
 # `taskvisor get` shows these fields, in this order, whether the task comes from Redis or SQL.
 GET_FIELDS = (
     "id", "provider", "type", "instance", "user", "status", "progress", "message", "error", "data", "result",
-    "timeout", "attempts", "owner", "cancelled_by", "cancel_reason", "cancel_error",
+    "timeout", "attempts", "retries", "retry_at", "owner", "workers", "cancelled_by", "cancel_reason", "cancel_error",
     "created_at", "started_at", "completed_at", "updated_at", "source",
 )  # fmt: skip
 SQL_TO_HASH_FIELDS = {
@@ -268,3 +268,79 @@ def _wait_for_end(state, provider: str, task_id: str, seconds: float) -> str | N
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.02)
+
+
+@click.command()
+@connection_options(uses_database=False)
+@click.argument("task_id")
+@click.option("--wait", "wait_seconds", default=0.0, show_default=True, type=click.FloatRange(0, 86400),
+              help="Seconds to wait for the retried task to end; 0 returns at once.")
+def retry(config: Config, task_id: str, wait_seconds: float) -> None:
+    """Run a failed, timed-out or cancelled task again, keeping its history of attempts.
+
+    The task goes back to pending as a new entry of its provider's stream, behind the
+    tasks already waiting for its instance. Exit codes: 0 queued (or, with --wait,
+    completed), 1 refused, 3 with --wait: it ended other than completed, 4 with --wait:
+    still not ended.
+    """
+    state = task_state(config)
+    try:
+        provider = state.locate(task_id)
+        if provider is None:
+            fail(f"task '{task_id}' not found in Redis: check the id; only tasks whose state Redis still holds can be retried")
+        task = state.read(provider, task_id)
+        if not task:
+            fail(f"task '{task_id}' not found in Redis under provider '{provider}'; nothing was changed")
+        status = task.get("status", "")
+        if status not in (TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED):
+            fail(f"task '{task_id}' is {status}: only failed, timeout or cancelled tasks can be retried; nothing was changed")
+        hidden = _secret_fields_in(state.redactor, task.get("data") or "{}")
+        if hidden:
+            fail(
+                f"task '{task_id}' cannot be retried: its data held secret fields ({', '.join(hidden)}) whose values are "
+                f"not kept; submit a new task with the same data instead"
+            )
+        entry = {name: task.get(name, "") for name in ("id", "type", "instance", "user", "data")}
+        if task.get("timeout"):
+            entry["timeout"] = task["timeout"]
+        reply = state.retry(provider, task_id, "admin", entry)
+    except redis.RedisError as exc:
+        fail(f"retry failed: Redis at {redact_url(config.redis.url)}: {exc}")
+    if reply[0] == "refused":
+        fail(f"task '{task_id}' is {reply[1]}: only failed, timeout or cancelled tasks can be retried; nothing was changed")
+    if reply[0] != "ok":
+        fail(f"task '{task_id}' not found in Redis; nothing was changed")
+    attempts = task.get("attempts", "0")
+    click.echo(f"{task_id} queued again as entry {reply[1]} (attempts so far: {attempts})")
+    if wait_seconds <= 0:
+        return
+    final = _wait_for_end(state, provider, task_id, wait_seconds)
+    if final is None:
+        click.echo(f"{task_id} has not ended after {wait_seconds:g} s; see taskvisor get {task_id}")
+        sys.exit(EXIT_STILL_CANCELLING)
+    click.echo(f"{task_id} {final}")
+    if final != TaskStatus.COMPLETED:
+        sys.exit(EXIT_ENDED_OTHERWISE)
+
+
+def _secret_fields_in(redactor, data_text: str) -> list[str]:
+    """Return the names of secret fields anywhere in the task's stored data."""
+    try:
+        data = orjson.loads(data_text)
+    except orjson.JSONDecodeError:
+        return ["data"]
+    found: list[str] = []
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                if redactor.is_secret(str(name)):
+                    found.append(str(name))
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(data)
+    return found

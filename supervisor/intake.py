@@ -24,6 +24,7 @@ from shared.redis_client import connect
 from shared.schema import TaskSpec, parse_entry
 from shared.settings import Config
 from shared.taskstate import TaskState
+from supervisor.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Intake:
             self.config.redis.dead_max_len,
             Redactor(self.config.secret_fields),
         )
+        self.reconciler = Reconciler(self.config, self.state)
         log.info("intake started providers=%d pid=%d", len(self.streams), os.getpid())
         backoff = 0.5
         self.pubsub = None
@@ -64,6 +66,7 @@ class Intake:
                     self.pubsub.subscribe(self.keys.cancel_channel())
                 self.apply_cancel_notices()
                 self.pass_once()
+                self.reconciler.run_due(self.config.providers)
                 backoff = 0.5
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable in intake retry_in=%.1fs error=%s", backoff, exc)

@@ -17,19 +17,21 @@ import time
 import msgspec
 import redis
 
-from shared.errors import TaskvisorError
+from shared.errors import StoreError, TaskvisorError
 from shared.heartbeat import HeartbeatTable
 from shared.keys import WORKER_GROUP, Keys
-from shared.redaction import redact_url
+from shared.redaction import Redactor, redact_url
 from shared.redis_client import connect, ensure_group
 from shared.settings import Config
 from shared.store import open_store
+from shared.taskstate import TaskState
 from supervisor.checks import warn_about_commands, warn_about_unknown_streams
 from supervisor.children import Child, ChildKey, Children
 from supervisor.health_server import monitor_main
 from supervisor.intake import intake_main
 from supervisor.live_config import ConfigWatcher
 from supervisor.mirror import mirror_main
+from supervisor.reconcile import release_dead_local_owners
 from supervisor.recovery import reassign_orphans
 from supervisor.status import publish_status
 from worker.drivers.reaping import enable_child_subreaper
@@ -84,9 +86,19 @@ class Supervisor:
         loaded = self.watcher.load(self.client, config)
         if loaded is not None:
             self.config = config = loaded
-        store = open_store(config.database.url, config.base_dir)
-        store.init_schema()
-        store.close()
+        self.state = TaskState(
+            self.client, self.keys, config.redis.events_max_len, config.redis.dead_max_len, Redactor(config.secret_fields)
+        )
+        try:
+            store = open_store(config.database.url, config.base_dir)
+            store.init_schema()
+            store.close()
+        except StoreError as exc:
+            if not config.database.url.startswith("mysql"):
+                raise
+            # Workers never touch SQL: tasks run and their states wait in Redis, and the
+            # mirror creates the tables once the server is back.
+            log.warning("database unavailable at start; tasks run and their states wait in redis error=%s", exc)
         for provider, settings in config.providers.items():
             self.prepare_provider(provider, settings.group_size)
         warn_about_commands(config)
@@ -97,6 +109,9 @@ class Supervisor:
             log.warning("provider has no workers (paused or maxConcurrentTasks: 0); its tasks wait provider=%s", provider)
         ensure_group(self.client, self.keys.tasks(provider), WORKER_GROUP)
         reassign_orphans(self.client, self.keys, self.config.supervisor.name, provider, group_size)
+        # Workers of an earlier run of this supervisor (killed with it) hold leases that
+        # would otherwise delay the takeover of their tasks until they run out.
+        release_dead_local_owners(self.state, self.keys, self.config.supervisor.name, provider)
 
     def install_signals(self) -> None:
         signal.set_wakeup_fd(self.wakeup_write)
@@ -190,13 +205,18 @@ class Supervisor:
         ]
         if not owners:
             return
+        # A dead worker's task is taken over at once by the next worker of its slot,
+        # instead of after its lease runs out.
         try:
-            pipe = self.client.pipeline(transaction=False)
             for child, owner in zip([c for c in ended if c.role == "worker"], owners, strict=True):
-                pipe.hdel(self.keys.busy(child.provider), owner)
-            pipe.execute()
+                task_id = self.state.release_owner(child.provider, owner)
+                if task_id:
+                    log.warning(
+                        "worker died while running a task task_id=%s provider=%s pid=%d; it is taken over",
+                        task_id, child.provider, child.pid,
+                    )  # fmt: skip
         except redis.RedisError as exc:
-            self.warn_redis("busy list not cleaned", exc)
+            self.warn_redis("leases of dead workers not released", exc)
 
     # -- live configuration ----------------------------------------------------------
 

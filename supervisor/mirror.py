@@ -19,7 +19,7 @@ from shared.keys import MIRROR_GROUP, Keys
 from shared.process import stop_on_sigterm
 from shared.redis_client import connect, ensure_group
 from shared.settings import Config
-from shared.store import open_store
+from shared.store import Store, open_store
 from shared.store.records import InstanceRecord, TaskRecord
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ READ_BLOCK_MS = 200
 # Seconds between two looks for event streams of providers the config does not list.
 STREAM_REFRESH_SECONDS = 5.0
 IDLE_SLEEP_SECONDS = 0.2
+# Seconds between two trims of the event streams.
+TRIM_INTERVAL_SECONDS = 10.0
 
 
 def _text(value: bytes | str) -> str:
@@ -53,10 +55,8 @@ def records_from_events(events: list[tuple[str, dict]]) -> tuple[list[TaskRecord
         fields = {_text(name): _text(value) for name, value in raw.items()}
         version = int(fields.get("version", "0"))
         task_id = fields.get("id", "")
-        if not task_id:
-            continue
         known = tasks.get(task_id)
-        if known is None or version > known.version:
+        if task_id and (known is None or version > known.version):
             tasks[task_id] = TaskRecord(
                 id=task_id,
                 provider_id=fields.get("provider", ""),
@@ -104,14 +104,21 @@ class Mirror:
     def run(self) -> int:
         stop_on_sigterm(self)
         self.client = connect(self.config.redis.url)
-        self.store = open_store(self.config.database.url, self.config.base_dir)
+        # Opened in the loop, so that a database that is down at start is retried like a failed write.
+        self.store: Store | None = None
         log.info("mirror started streams=%d pid=%d", len(self.streams), os.getpid())
         backoff = 0.5
+        store_failures = 0
         own_pending = True
         next_refresh = 0.0
+        # Short retentions are kept to within about half their length.
+        trim_interval = min(TRIM_INTERVAL_SECONDS, max(1.0, self.config.redis.events_retention / 2))
+        next_trim = time.monotonic() + trim_interval
         while True:
             heartbeat.beat(tasks_done=self.written)
             try:
+                if self.store is None:
+                    self.store = open_and_init_store(self.config)
                 if time.monotonic() >= next_refresh:
                     next_refresh = time.monotonic() + STREAM_REFRESH_SECONDS
                     if self.refresh_streams():
@@ -123,23 +130,39 @@ class Mirror:
                     continue
                 count = self.pass_once(own_pending)
                 backoff = 0.5
+                if store_failures:
+                    log.info("database writes resumed after %d failed attempts", store_failures)
+                    store_failures = 0
+                if time.monotonic() >= next_trim:
+                    next_trim = time.monotonic() + trim_interval
+                    self.trim_streams()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if self.stopping:
+                    log.warning("mirror stopping while redis is unavailable error=%s", exc)
+                    break
                 log.warning("redis unavailable in mirror retry_in=%.1fs error=%s", backoff, exc)
                 heartbeat.beat(pause=backoff)
-                time.sleep(backoff)
+                self.sleep_unless_stopping(backoff)
                 backoff = min(backoff * 2, 5.0)
                 own_pending = True
                 continue
             except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                # NOGROUP: the group is gone; UNBLOCKED: the stream was deleted during a blocking
+                # read. Both happen when Redis is emptied, and both mean: create them again.
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
                 log.warning("mirror consumer group missing; creating it error=%s", exc)
                 next_refresh = 0.0
                 continue
             except StoreError as exc:
+                store_failures += 1
+                if self.stopping:
+                    # The events stay pending in Redis, and the next mirror reads them first.
+                    log.warning("mirror stopping with events not written; they wait in redis error=%s", exc)
+                    break
                 log.warning("database write failed; events kept in redis retry_in=%.1fs error=%s", backoff, exc)
                 heartbeat.beat(pause=backoff)
-                time.sleep(backoff)
+                self.sleep_unless_stopping(backoff)
                 backoff = min(backoff * 2, 10.0)
                 own_pending = True
                 continue
@@ -147,9 +170,16 @@ class Mirror:
                 own_pending = False
             elif count == 0 and self.stopping:
                 break
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
         log.info("mirror stopped rows_written=%d pid=%d", self.written, os.getpid())
         return 0
+
+    def sleep_unless_stopping(self, seconds: float) -> None:
+        """Sleep for `seconds`, or less when SIGTERM arrives meanwhile."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(IDLE_SLEEP_SECONDS, deadline - time.monotonic()))
 
     def refresh_streams(self) -> bool:
         """Add event streams that exist in Redis but not in the list; True when any was added.
@@ -194,6 +224,52 @@ class Mirror:
         pipe.execute()
         self.written += len(tasks)
         return sum(len(ids) for ids in acks.values())
+
+    def trim_streams(self) -> int:
+        """Trim events that every consumer group has handled and that are older than the retention.
+
+        An event that a group has not read or not acknowledged yet is never trimmed, so
+        SQL misses no state change however long the database was away. Returns how many
+        entries were removed.
+        """
+        retention_ms = int(self.config.redis.events_retention * 1000)
+        cutoff = int(time.time() * 1000) - retention_ms
+        removed = 0
+        for stream in self.streams:
+            try:
+                groups = self.client.xinfo_groups(stream)
+            except redis.ResponseError:
+                continue
+            limit = cutoff
+            for group in groups:
+                limit = min(limit, _handled_below(self.client, stream, group))
+            if limit > 0:
+                removed += self.client.xtrim(stream, minid=f"{limit}-0", approximate=False)
+        log.debug("event streams trimmed streams=%d removed=%d", len(self.streams), removed)
+        return removed
+
+
+def _handled_below(client: redis.Redis, stream: str, group: dict) -> int:
+    """Return a millisecond time below which `group` has read and acknowledged every entry."""
+    name = _text(group["name"])
+    if group.get("pending"):
+        summary = client.xpending(stream, name)
+        oldest = _text(summary.get("min") or "0-0")
+        return int(oldest.partition("-")[0])
+    last = _text(group.get("last-delivered-id") or "0-0")
+    # Entries of the same millisecond as the last one read may still be unread.
+    return int(last.partition("-")[0])
+
+
+def open_and_init_store(config: Config) -> Store:
+    """Open the SQL store and create its tables if they are missing, raising StoreError."""
+    store = open_store(config.database.url, config.base_dir)
+    try:
+        store.init_schema()
+    except StoreError:
+        store.close()
+        raise
+    return store
 
 
 def mirror_main(config: Config) -> int:

@@ -49,7 +49,13 @@ def publish_status(
     client: redis.Redis, keys: Keys, config: Config, children: Children, started_at: float, errors: dict[str, str]
 ) -> None:
     document = build_status(config, children, started_at, errors)
-    client.set(status_key(keys, config.supervisor.name), orjson.dumps(document), px=STATUS_TTL_MS)
+    pipe = client.pipeline(transaction=False)
+    pipe.set(status_key(keys, config.supervisor.name), orjson.dumps(document), px=STATUS_TTL_MS)
+    # Workers read the provider's concurrency limit from Redis, so a live resize applies to
+    # the workers forked before it, and two supervisors on one Redis share one limit.
+    for provider, settings in config.providers.items():
+        pipe.set(keys.limit(provider), settings.group_size)
+    pipe.execute()
 
 
 def read_statuses(client: redis.Redis, keys: Keys) -> list[dict]:

@@ -57,13 +57,13 @@ class SupervisorProcess:
 
     def __init__(
         self, tmp_path: Path, redis_url: str, database_url: str, providers: dict, health: dict | None = None,
-        **supervisor: object,
+        redis_options: dict | None = None, **supervisor: object,
     ) -> None:  # fmt: skip
         self.tmp_path = tmp_path
         self.config_path = tmp_path / "taskvisor.yaml"
         self.log_path = tmp_path / "supervisor.log"
         document = {
-            "redis": {"url": redis_url},
+            "redis": {"url": redis_url, **(redis_options or {})},
             "database": {"url": database_url},
             "supervisor": {"name": "test", "shutdownGrace": 5, "leaseSeconds": 3, **supervisor},
             "providers": providers,
@@ -135,3 +135,10 @@ def redis_cli_xadd(port: int, stream: str, fields: dict[str, str]) -> str:
     for name, value in fields.items():
         argv += [name, value]
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def cli(config_path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `taskvisor ARGS` with TASKVISOR_CONFIG pointing at a test's config file."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TASKVISOR_CONFIG=str(config_path))
+    return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)  # fmt: skip

@@ -86,7 +86,8 @@ def test_cancel_latency_and_cleanup(tmp_path, redis_server, start_supervisor):
 
 def test_cancel_pending_wrong_user_and_finished(tmp_path, redis_server, start_supervisor):
     ran = tmp_path / "ran.log"
-    blocker = write_script(tmp_path / "op.sh", f'cat >/dev/null\necho "$3" >> {ran}\nsleep 1\necho "{{}}"\n')
+    # The first task runs long enough for both cancel calls to find the second one still pending.
+    blocker = write_script(tmp_path / "op.sh", f'cat >/dev/null\necho "$3" >> {ran}\n[ "$3" = first ] && sleep 4\necho "{{}}"\n')
     supervisor = start_supervisor({"p": command_provider(blocker)})
     client = redis_server.client()
     client.xadd("taskvisor:{p}:tasks", {"id": "first", "type": "start", "instance": "vm-1", "user": "alice"})

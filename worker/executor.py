@@ -36,6 +36,10 @@ class Outcome(msgspec.Struct):
     result: str = ""
     # True when the driver method ignored the stop request; the worker must exit.
     driver_stuck: bool = False
+    # False when the driver reported that trying again cannot help
+    retryable: bool = True
+    # True when an interrupted run is given up, which marks the instance as needing attention
+    given_up: bool = False
 
 
 class _Call:
@@ -101,6 +105,23 @@ def run_task(
         return Outcome(TaskStatus.FAILED, error=str(exc))
 
     call = _Call(handler, context)
+    if not _wait_for_call(call, context, shutdown_requested):
+        log.error(
+            "driver ignored stop request task_id=%s provider=%s reason=%s",
+            spec.id, spec.provider, context.stop_reason,
+        )  # fmt: skip
+        outcome = _outcome_for_stop(spec, context)
+        outcome.driver_stuck = True
+        return outcome
+    return decide_outcome(spec, context, call.result, call.error, redactor)
+
+
+def _wait_for_call(call: "_Call", context: TaskContext, shutdown_requested: Callable[[], bool]) -> bool:
+    """Run `call` in the driver thread and wait for it; False when it ignored a stop request.
+
+    When the deadline passes, or `shutdown_requested()` turns true, the context is
+    stopped and the call gets its kill grace to return.
+    """
     done = _driver_thread.run(call)
     stop_deadline: float | None = None
     while not done.wait(POLL_SECONDS):
@@ -113,15 +134,43 @@ def run_task(
             if context.cancelled.is_set():
                 stop_deadline = now + context.kill_grace + STUCK_MARGIN_SECONDS
         elif now >= stop_deadline:
-            log.error(
-                "driver ignored stop request task_id=%s provider=%s reason=%s",
-                spec.id, spec.provider, context.stop_reason,
-            )  # fmt: skip
-            outcome = _outcome_for_stop(spec, context)
-            outcome.driver_stuck = True
-            return outcome
+            return False
+    return True
 
-    return decide_outcome(spec, context, call.result, call.error, redactor)
+
+class ProbeOutcome(msgspec.Struct):
+    """The result of a driver's probe of an interrupted run, as the worker uses it."""
+
+    # "completed", "failed" or "not_done"; "failed" also when the probe itself failed
+    outcome: str
+    result: str = ""
+    error: str = ""
+    driver_stuck: bool = False
+    # the stop reason when the probe was stopped (cancel, timeout, shutdown)
+    stopped: str = ""
+
+
+def run_probe(driver: Driver, spec: TaskSpec, context: TaskContext, redactor: Redactor,
+              shutdown_requested: Callable[[], bool]) -> ProbeOutcome:
+    """Ask the driver what became of the task's interrupted run, under the task's deadline."""
+    call = _Call(driver.probe, context)
+    if not _wait_for_call(call, context, shutdown_requested):
+        log.error("driver ignored stop request during a probe task_id=%s provider=%s", spec.id, spec.provider)
+        return ProbeOutcome("failed", error="probe did not stop", driver_stuck=True, stopped=context.stop_reason or "")
+    secrets = redactor.secret_values(spec.data)
+    if context.stop_reason is not None:
+        return ProbeOutcome("failed", error=f"probe stopped: {context.stop_reason}", stopped=context.stop_reason)
+    if call.error is not None:
+        error = call.error
+        text = str(error) if isinstance(error, TaskFailed) else f"{type(error).__name__}: {error}"
+        return ProbeOutcome("failed", error=redactor.scrub(f"probe failed: {text}", secrets)[:MAX_ERROR_CHARS])
+    answer = call.result
+    if answer is None or not hasattr(answer, "outcome"):
+        return ProbeOutcome("failed", error=f"probe returned {type(answer).__name__}, not a ProbeAnswer")
+    result = ""
+    if answer.result is not None:
+        result = redactor.scrub(orjson.dumps(redactor.redact(answer.result), default=str).decode(), secrets)
+    return ProbeOutcome(answer.outcome, result=result, error=redactor.scrub(answer.error, secrets)[:MAX_ERROR_CHARS])
 
 
 def _outcome_for_stop(spec: TaskSpec, context: TaskContext) -> Outcome:
@@ -159,7 +208,8 @@ def decide_outcome(
         result_text = ""
         if error.result is not None:
             result_text = redactor.scrub(orjson.dumps(redactor.redact(error.result), default=str).decode(), secrets)
-        return Outcome(TaskStatus.FAILED, error=message[:MAX_ERROR_CHARS], result=result_text)
+        retryable = error.retry and not (isinstance(error.result, dict) and error.result.get("retry") is False)
+        return Outcome(TaskStatus.FAILED, error=message[:MAX_ERROR_CHARS], result=result_text, retryable=retryable)
 
     trace = redactor.scrub("".join(traceback.format_exception(error)), secrets)
     log.error(

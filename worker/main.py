@@ -27,11 +27,11 @@ from shared.redaction import Redactor
 from shared.redis_client import connect, ensure_group
 from shared.schema import INSTANCE_ID_PATTERN, TaskSpec, parse_entry
 from shared.settings import Config
-from shared.states import TaskStatus
-from shared.taskstate import TaskState
+from shared.states import TaskStatus, instance_rule_after, instance_rule_given_up
+from shared.taskstate import StartResult, TaskState
 from worker.drivers import load_driver
 from worker.drivers.base import TaskContext
-from worker.executor import Outcome, run_task
+from worker.executor import Outcome, run_probe, run_task
 from worker.watchers import CancelWatcher, CurrentTask, renew_leases, send_heartbeats
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,12 @@ EXIT_DRIVER_STUCK = 4
 
 # Seconds between looks at entries already delivered to this consumer.
 OWN_ENTRIES_INTERVAL = 1.0
+# After a start refused because the provider is at its concurrency limit (other
+# supervisors' workers run its tasks), seconds before this worker takes new entries.
+FULL_BACKOFF_SECONDS = 0.5
+FULL_PAUSE_SECONDS = 0.1
+# Seconds between looks for automatic retries that are due.
+RETRY_CHECK_INTERVAL = 0.5
 READ_BLOCK_MS = 1000
 # Minimum seconds between two progress writes of one task; reports in between are
 # dropped, except a report of 100 %.
@@ -70,6 +76,8 @@ class Worker:
         self.current = CurrentTask()
         self.parent_pid = os.getppid()
         self.tasks_done = 0
+        # Until this monotonic time the provider was last seen at its concurrency limit.
+        self.full_until = 0.0
 
     def make_state(self, client: redis.Redis) -> TaskState:
         redis_settings = self.config.redis
@@ -125,6 +133,7 @@ class Worker:
 
     def loop(self) -> int:
         next_own_check = 0.0
+        next_retry_check = 0.0
         next_abandoned_check = time.monotonic() + self.config.supervisor.lease_seconds / 2
         backoff = 0.5
         while not self.stopping:
@@ -144,6 +153,20 @@ class Worker:
                     for entry_id, fields in self.read_own_entries():
                         if self.stopping or self.run_entry(entry_id, fields) == EXIT_DRIVER_STUCK:
                             return EXIT_OK if self.stopping else EXIT_DRIVER_STUCK
+                if time.monotonic() >= next_retry_check:
+                    next_retry_check = time.monotonic() + RETRY_CHECK_INTERVAL
+                    due = self.state.take_due_retry(self.provider, self.consumer)
+                    if isinstance(due, tuple):
+                        next_retry_check = 0.0
+                        if self.run_entry(*due) == EXIT_DRIVER_STUCK:
+                            return EXIT_DRIVER_STUCK
+                        continue
+                if time.monotonic() < self.full_until:
+                    # The provider is at its limit: take no new entries, which would only
+                    # pile up undone here, and look at this consumer's own entries again soon.
+                    time.sleep(FULL_PAUSE_SECONDS)
+                    next_own_check = min(next_own_check, self.full_until)
+                    continue
                 taken = self.state.take(self.provider, self.consumer)
                 if isinstance(taken, str):
                     # Nothing new: wait until an entry newer than the newest one arrives.
@@ -196,33 +219,52 @@ class Worker:
         timeout = spec.timeout or self.settings.timeout_for(spec.type)
         # Usually the intake has registered the task and reserved its id, so one round trip
         # suffices. Otherwise the id is reserved here and the start registers the task.
-        started = self.state.start(spec, timeout, self.owner, self.lease_ms, registered_only=True)
+        started = self.start(spec, timeout, registered_only=True)
         if started.outcome == "unregistered":
             first_owner = self.state.claim_id(spec)
             if first_owner is not None:
                 reason = f"duplicate task id '{spec.id}': already used by entry {first_owner}"
                 self.state.dead_letter(self.provider, entry_id, fields, reason)
                 return EXIT_OK, None
-            started = self.state.start(spec, timeout, self.owner, self.lease_ms)
+            started = self.start(spec, timeout)
         if started.outcome == "cancel_requested":
             self.state.cancel(self.provider, spec.id, stored=True)
-            started = self.state.start(spec, timeout, self.owner, self.lease_ms)
+            started = self.start(spec, timeout)
         if started.outcome == "duplicate":
             reason = f"duplicate task id '{spec.id}': already used by entry {started.detail}"
             self.state.dead_letter(self.provider, entry_id, fields, reason)
             return EXIT_OK, None
-        if started.outcome != "ok":
-            # "busy", "wait" or "finished": another worker runs it, an earlier task of the
-            # same instance runs first, or it has ended. The first two stay delivered to
-            # this consumer and are looked at again on a later pass.
+        if started.outcome == "interrupted":
+            log.warning(
+                "interrupted task given up task_id=%s provider=%s type=%s reason=%s",
+                spec.id, self.provider, spec.type, started.detail,
+            )  # fmt: skip
+            return EXIT_OK, None
+        if started.outcome == "full":
+            self.full_until = time.monotonic() + FULL_BACKOFF_SECONDS
+        if not started.owned:
+            # "busy", "wait", "full", "delayed" or "finished": another worker runs it, an
+            # earlier task of the same instance runs first, the provider is at its limit,
+            # its retry is not due, or it has ended. The others than "finished" stay
+            # delivered to this consumer and are looked at again on a later pass.
             log.debug("task not started task_id=%s provider=%s outcome=%s detail=%s", spec.id, self.provider, started.outcome, started.detail)
             return EXIT_OK, None
-        return self.execute(spec, timeout, started.attempts)
+        return self.execute(spec, timeout, started)
 
-    def execute(self, spec: TaskSpec, timeout: float, attempt: int) -> tuple[int, tuple[str, dict] | None]:
+    def start(self, spec: TaskSpec, timeout: float, registered_only: bool = False) -> StartResult:
+        action = self.settings.interrupt_action_for(spec.type)
+        if action == "probe" and not self.driver.has_probe(str(spec.type)):
+            action = "fail"
+        return self.state.start(
+            spec, timeout, self.owner, self.lease_ms, registered_only=registered_only, on_interrupt=action,
+            poison_runs=self.settings.max_interrupted_runs, limit=self.settings.group_size,
+        )  # fmt: skip
+
+    def execute(self, spec: TaskSpec, timeout: float, started: StartResult) -> tuple[int, tuple[str, dict] | None]:
         log.info(
-            "task started task_id=%s provider=%s type=%s instance=%s attempt=%d pid=%d",
-            spec.id, self.provider, spec.type, spec.instance or "-", attempt, os.getpid(),
+            "task started task_id=%s provider=%s type=%s instance=%s attempt=%d pid=%d%s",
+            spec.id, self.provider, spec.type, spec.instance or "-", started.attempts, os.getpid(),
+            " probe=first" if started.outcome == "probe" else "",
         )  # fmt: skip
         begun = time.monotonic()
         context = TaskContext(
@@ -238,8 +280,12 @@ class Worker:
         )
         self.current.set(spec, context)
         heartbeat.beat(task_started_at=time.time())
-        outcome = run_task(self.driver, spec, context, self.redactor, lambda: self.abort_current)
-        handed_over = self.record(spec, outcome)
+        outcome = None
+        if started.outcome == "probe":
+            outcome = self.probe(spec, context)
+        if outcome is None:
+            outcome = run_task(self.driver, spec, context, self.redactor, lambda: self.abort_current)
+        handed_over = self.record(spec, outcome, started.retries)
         self.current.set(None, None)
         self.tasks_done += 1
         heartbeat.beat(task_started_at=0.0, tasks_done=self.tasks_done)
@@ -252,12 +298,52 @@ class Worker:
         )  # fmt: skip
         return (EXIT_DRIVER_STUCK if outcome.driver_stuck else EXIT_OK), handed_over
 
-    def record(self, spec: TaskSpec, outcome: Outcome) -> tuple[str, dict] | None:
+    def probe(self, spec: TaskSpec, context: TaskContext) -> Outcome | None:
+        """Ask the driver what the interrupted run did; None when the task should run now."""
+        answer = run_probe(self.driver, spec, context, self.redactor, lambda: self.abort_current)
+        log.info(
+            "probe answered task_id=%s provider=%s type=%s outcome=%s%s",
+            spec.id, self.provider, spec.type, answer.outcome, f" error={answer.error!r}" if answer.error else "",
+        )  # fmt: skip
+        if answer.stopped:
+            # Stopped by a cancel, the deadline or a shutdown: ended as any run is.
+            status = {"cancel": TaskStatus.CANCELLED, "timeout": TaskStatus.TIMEOUT}.get(answer.stopped, TaskStatus.PENDING)
+            return Outcome(status, error=answer.error if status == TaskStatus.TIMEOUT else "",
+                           message=f"probe stopped: {answer.stopped}", driver_stuck=answer.driver_stuck)
+        if answer.outcome == "completed":
+            return Outcome(TaskStatus.COMPLETED, result=answer.result, message="the interrupted run had completed (probe)")
+        if answer.outcome == "failed":
+            return Outcome(TaskStatus.FAILED, error=f"interrupted; {answer.error or 'the probe found it had not taken effect'}",
+                           message="interrupted", retryable=False, given_up=True)
+        context.progress(0, "the interrupted run had not taken effect (probe); running it again")
+        return None
+
+    def record(self, spec: TaskSpec, outcome: Outcome, retries_done: int = 0) -> tuple[str, dict] | None:
         """Write the outcome, retrying while Redis is unreachable; the task must not be lost.
 
-        Returns the next entry of the same instance when it was handed to this worker.
+        A failure or timeout that the provider's `maxRetries` allows goes back to pending
+        with an automatic retry scheduled. Returns the next entry of the same instance
+        when it was handed to this worker.
         """
         fields = {"error": outcome.error, "message": outcome.message, "result": outcome.result}
+        status = outcome.status
+        retry_due_ms = None
+        instance_rule = None
+        if outcome.given_up:
+            instance_rule = instance_rule_given_up(spec.type)
+        if status == TaskStatus.PENDING:
+            # Stopped by a shutdown: the next start treats the run as interrupted.
+            fields["interrupted"] = "1"
+        elif status in (TaskStatus.FAILED, TaskStatus.TIMEOUT) and outcome.retryable and not self.stopping:
+            allowed = self.settings.retries_for(spec.type)
+            if retries_done < allowed:
+                delay = self.settings.retry_delay(retries_done + 1)
+                retry_due_ms = int((time.time() + delay) * 1000)
+                fields["message"] = (
+                    f"{status}; automatic retry {retries_done + 1} of {allowed} in {delay:g} s"
+                )
+                status = TaskStatus.PENDING
+                instance_rule = instance_rule_after(spec.type, TaskStatus.PENDING)
         if outcome.status == TaskStatus.COMPLETED:
             fields["progress"] = "100"
         if spec.type == "create" and not spec.instance and outcome.result:
@@ -268,7 +354,8 @@ class Worker:
         delay = 0.5
         while True:
             try:
-                return self.state.finish(spec, self.owner, outcome.status, fields, handoff).handed_over
+                result = self.state.finish(spec, self.owner, status, fields, handoff, retry_due_ms, instance_rule)
+                return result.handed_over
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable while recording task_id=%s provider=%s retry_in=%.1fs error=%s", spec.id, self.provider, delay, exc)
                 time.sleep(delay)

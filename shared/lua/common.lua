@@ -14,17 +14,27 @@ local HISTORY_LENGTH = 100
 -- Append the task's full current state to its provider's event stream, and a short
 -- line to the task's history list.
 local function emit(task_key, events_key, maxlen, instance_status, instance_changed)
-  local state = redis.call('HMGET', task_key, 'status', 'progress', 'message', 'updated_at', 'attempts')
+  local state = redis.call('HMGET', task_key, 'status', 'progress', 'message', 'updated_at', 'attempts', 'owner',
+    'error')
   -- A provider id contains no '}', so the first '}:task:' ends the hash tag.
   local history_key = string.gsub(task_key, '}:task:', '}:history:', 1)
-  redis.call('RPUSH', history_key, cjson.encode({at = state[4], status = state[1], progress = state[2],
-    message = state[3], attempt = state[5]}))
+  local line = {at = state[4], status = state[1], progress = state[2], message = state[3], attempt = state[5]}
+  if state[1] == 'running' then
+    line.worker = state[6]
+  elseif state[7] and state[7] ~= '' and (TERMINAL[state[1]] or state[1] == 'pending') then
+    line.error = string.sub(state[7], 1, 500)
+  end
+  redis.call('RPUSH', history_key, cjson.encode(line))
   redis.call('LTRIM', history_key, -HISTORY_LENGTH, -1)
   local flat = redis.call('HGETALL', task_key)
   flat[#flat + 1] = 'instance_status'
   flat[#flat + 1] = instance_status or ''
   flat[#flat + 1] = 'instance_changed'
   flat[#flat + 1] = instance_changed and '1' or '0'
+  -- Events are trimmed by the SQL mirror once written; maxlen '0' sets no other cap.
+  if maxlen == '0' or maxlen == 0 then
+    return redis.call('XADD', events_key, '*', unpack(flat))
+  end
   return redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, '*', unpack(flat))
 end
 
@@ -74,4 +84,22 @@ local function instance_status(instances_key, instance)
     return nil
   end
   return redis.call('HGET', instances_key, instance) or ''
+end
+
+-- Set an instance's status after one of its tasks ended or went back to pending.
+-- `rule` is a status, 'restore' (the status from before the task, or 'unknown') or
+-- 'keep'. Returns true when the instance hash was written.
+local function apply_instance_rule(task_key, instances_key, instance, rule)
+  if instance == nil or instance == '' or rule == 'keep' then
+    return false
+  end
+  local target = rule
+  if rule == 'restore' then
+    target = redis.call('HGET', task_key, 'instance_before') or ''
+    if target == '' then
+      target = 'unknown'
+    end
+  end
+  redis.call('HSET', instances_key, instance, target)
+  return true
 end

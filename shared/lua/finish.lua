@@ -1,8 +1,10 @@
 -- Move a task out of running for the worker that owns it.
 -- KEYS: task hash, event stream, instance hash, lease key, task stream, instance queue,
---       busy hash.
+--       busy hash, retry schedule (sorted set of entry ids by due time in milliseconds).
 -- ARGV: events maxlen, owner, new status, instance rule, instance rule after a cancel,
---       consumer group, stream entry id, handoff consumer, then field/value pairs to set.
+--       consumer group, stream entry id, handoff consumer, the due time in milliseconds
+--       of an automatic retry ('' for none; the new status is then pending), then
+--       field/value pairs to set.
 --       An instance rule is a status, 'restore' or 'keep'. The handoff consumer gets the
 --       instance's next task; '' hands nothing over.
 -- A terminal status acknowledges and deletes the stream entry in the same step. A task
@@ -13,6 +15,8 @@ local task_key, events_key, instances_key, lease_key = KEYS[1], KEYS[2], KEYS[3]
 local stream_key, queue_key, busy_key = KEYS[5], KEYS[6], KEYS[7]
 local maxlen, owner, new_status, rule = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local cancel_rule, group, entry, handoff_consumer = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local retry_due, retries_key = ARGV[9], KEYS[8]
+local FIRST_FIELD = 10
 
 local status = redis.call('HGET', task_key, 'status')
 if not status then
@@ -25,7 +29,8 @@ if new_status == 'pending' and status == 'cancelling' then
   -- The task was stopped and a cancel had been accepted: it must not run again.
   new_status = 'cancelled'
   rule = cancel_rule
-  for i = 9, #ARGV, 2 do
+  retry_due = ''
+  for i = FIRST_FIELD, #ARGV, 2 do
     if ARGV[i] == 'message' then
       ARGV[i + 1] = 'cancelled while the worker was shutting down'
     end
@@ -36,8 +41,13 @@ if not ALLOWED[status][new_status] then
 end
 
 local t = now()
-for i = 9, #ARGV, 2 do
+for i = FIRST_FIELD, #ARGV, 2 do
   redis.call('HSET', task_key, ARGV[i], ARGV[i + 1])
+end
+if retry_due ~= '' then
+  redis.call('HINCRBY', task_key, 'retries', 1)
+  redis.call('HSET', task_key, 'retry_at', string.format('%.3f', tonumber(retry_due) / 1000))
+  redis.call('ZADD', retries_key, retry_due, entry)
 end
 redis.call('HSET', task_key, 'status', new_status, 'updated_at', t)
 if TERMINAL[new_status] then
@@ -49,18 +59,7 @@ end
 redis.call('HINCRBY', task_key, 'version', 1)
 
 local instance = redis.call('HGET', task_key, 'instance')
-local changed = false
-if instance ~= '' and rule ~= 'keep' then
-  local target = rule
-  if rule == 'restore' then
-    target = redis.call('HGET', task_key, 'instance_before') or ''
-    if target == '' then
-      target = 'unknown'
-    end
-  end
-  redis.call('HSET', instances_key, instance, target)
-  changed = true
-end
+local changed = apply_instance_rule(task_key, instances_key, instance, rule)
 
 if redis.call('GET', lease_key) == owner then
   redis.call('DEL', lease_key)

@@ -212,7 +212,9 @@ class Store(ABC):
         """Upsert tasks and instances in one transaction.
 
         A row is inserted, or updated only when the record's `version` is greater than the
-        stored one, so replayed records never move a row back. Raises StoreError.
+        stored one, so replayed records never move a row back. Raises StoreError. A batch
+        that raised may still have been committed, because a connection can drop during
+        COMMIT. The caller then writes the whole batch again, which the version check makes safe.
         """
 
     @abstractmethod

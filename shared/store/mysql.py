@@ -46,8 +46,16 @@ SCHEMA_LOCK_SECONDS = 30
 LOCK_ERROR_CODES = frozenset({ER.LOCK_DEADLOCK, ER.LOCK_WAIT_TIMEOUT})
 MAX_LOCK_RETRIES = 3
 LOCK_RETRY_DELAY_SECONDS = 0.1
-# "Server has gone away" and "lost connection": the store reconnects once and retries.
-CONNECTION_ERROR_CODES = frozenset({CR.CR_SERVER_GONE_ERROR, CR.CR_SERVER_LOST})
+# MySQL 8.0.24 and later send this error, instead of only closing the socket, before they
+# close a connection that was idle for longer than wait_timeout. PyMySQL has no name for it.
+ER_CLIENT_INTERACTION_TIMEOUT = 4031
+# Errors after which the connection is gone: "server has gone away", "lost connection", a
+# server that is shutting down, and the idle timeout above. The store reconnects once and
+# retries. MariaDB 10.11 closes the socket on KILL CONNECTION, on shutdown and at its idle
+# timeout, which PyMySQL reports as CR_SERVER_LOST or CR_SERVER_GONE_ERROR.
+CONNECTION_ERROR_CODES = frozenset(
+    {CR.CR_SERVER_GONE_ERROR, CR.CR_SERVER_LOST, ER.SERVER_SHUTDOWN, ER_CLIENT_INTERACTION_TIMEOUT}
+)
 # Errors whose message gets the hint to check the server address and the user's rights:
 # no server reached, connection lost, access denied, or a host the server rejects.
 UNREACHABLE_ERROR_CODES = CONNECTION_ERROR_CODES | {
@@ -300,8 +308,10 @@ class MysqlStore(Store):
                 return action(connection)
             except pymysql.MySQLError as exc:
                 code = exc.args[0] if exc.args else None
-                self._rollback(connection)
                 dropped = code in CONNECTION_ERROR_CODES or isinstance(exc, pymysql.InterfaceError)
+                if not dropped:
+                    # The server rolls back by itself when a connection ends.
+                    self._rollback(connection)
 
                 if code in LOCK_ERROR_CODES and lock_retries < MAX_LOCK_RETRIES:
                     lock_retries += 1
@@ -328,6 +338,9 @@ class MysqlStore(Store):
                     self._drop_connection()
                     continue
 
+                if dropped:
+                    # The next call then opens a new connection instead of failing on this one.
+                    self._drop_connection()
                 hint = MISSING_SCHEMA_HINT if code == ER.NO_SUCH_TABLE else ""
                 raise StoreError(f"{description} on {self.display_url} failed: {self._describe(exc)}{hint}") from exc
 

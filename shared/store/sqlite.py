@@ -117,14 +117,24 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite database {path} (from {display_url}): {exc}") from exc
 
-        try:
-            connection.row_factory = sqlite3.Row
-            journal_mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        except sqlite3.Error as exc:
-            connection.close()
-            raise StoreError(f"cannot configure SQLite database {path}: {exc}") from exc
+        connection.row_factory = sqlite3.Row
+        # Switching to WAL fails at once, without waiting, while another process creates
+        # the same file (two processes starting together), so it is tried again.
+        give_up_at = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                journal_mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                connection.execute("PRAGMA synchronous=NORMAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= give_up_at:
+                    connection.close()
+                    raise StoreError(f"cannot configure SQLite database {path}: {exc}") from exc
+                time.sleep(0.05)
+            except sqlite3.Error as exc:
+                connection.close()
+                raise StoreError(f"cannot configure SQLite database {path}: {exc}") from exc
 
         if journal_mode.lower() != "wal":
             logger.warning(

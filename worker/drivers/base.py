@@ -6,6 +6,11 @@ replaced by `_` (`create`, `start`, `stop`, `restart`, `delete`, `reset`,
 (a dict that becomes the task's `result`, or None) or raises `TaskFailed`. Any other
 exception also fails the task, with the exception as its error.
 
+A driver may also define `probe(context)`, which asks the backend what became of a
+task whose run was interrupted (its worker died, or the supervisor stopped it) and
+returns a `ProbeAnswer`. The worker calls it before it runs a non-idempotent task
+(create, delete, reset) a second time; see `onInterrupt` in docs/configuration.md.
+
 The worker calls the method in a separate thread. When the task's timeout passes, a
 cancel arrives or the worker must shut down, the worker sets `context.cancelled`; the method must then stop its
 work and return or raise soon. A method that keeps running past the kill grace gets
@@ -77,6 +82,28 @@ class TaskContext:
         }
 
 
+class ProbeAnswer:
+    """What a probe found out about an interrupted task.
+
+    `outcome` is one of:
+    - "completed": the operation took effect; `result` becomes the task's result.
+    - "failed": it did not take effect and must not be run again; `error` says why.
+    - "not_done": nothing happened on the backend, so running the task again is safe.
+    """
+
+    OUTCOMES = ("completed", "failed", "not_done")
+
+    def __init__(self, outcome: str, result: dict | None = None, error: str = "") -> None:
+        if outcome not in self.OUTCOMES:
+            raise ValueError(f"probe outcome {outcome!r} is not one of {', '.join(self.OUTCOMES)}")
+        self.outcome = outcome
+        self.result = result
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"ProbeAnswer({self.outcome!r}, result={self.result!r}, error={self.error!r})"
+
+
 class Driver:
     """Base class for drivers. `options` is the provider's `driver.options` mapping from the config."""
 
@@ -90,6 +117,10 @@ class Driver:
         if method is None or not callable(method):
             raise DriverError(f"driver {type(self).__name__} has no method for task type '{task_type}'")
         return method
+
+    def has_probe(self, task_type: str) -> bool:
+        """Whether this driver can probe an interrupted task of `task_type`."""
+        return callable(getattr(self, "probe", None))
 
     def close(self) -> None:
         """Release what the driver holds (connections, sockets) when its worker exits."""

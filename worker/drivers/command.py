@@ -34,7 +34,7 @@ import orjson
 from shared.errors import TaskFailed
 from shared.settings import DriverConfig
 from worker.drivers import reaping
-from worker.drivers.base import Driver, TaskContext
+from worker.drivers.base import Driver, ProbeAnswer, TaskContext
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +320,35 @@ class CommandDriver(Driver):
         argv = self.config.commands.get(context.task_type)
         if not argv:
             raise TaskFailed(f"provider {self.provider} has no command for task type {context.task_type}")
+        return self.run_argv(argv, context)
+
+    create = start = stop = restart = delete = reset = reset_password = run
+
+    def has_probe(self, task_type: str) -> bool:
+        return task_type in self.config.probes
+
+    def probe(self, context: TaskContext) -> ProbeAnswer:
+        """Run the probe command of the task's type and read its answer.
+
+        The probe gets the same stdin, placeholders and environment as the task's command,
+        and prints one JSON object such as {"outcome": "not_done"}, {"outcome": "completed",
+        "result": {...}} or {"outcome": "failed", "error": "..."}.
+        """
+        argv = self.config.probes.get(context.task_type)
+        if not argv:
+            raise TaskFailed(f"provider {self.provider} has no probe for task type {context.task_type}")
+        answer = self.run_argv(argv, context) or {}
+        outcome = answer.get("outcome")
+        if outcome not in ProbeAnswer.OUTCOMES:
+            raise TaskFailed(
+                f"probe of {context.task_type} printed no valid outcome (got {str(outcome)[:80]!r}); "
+                f"expected a JSON object with outcome {', '.join(ProbeAnswer.OUTCOMES)}"
+            )
+        result = answer.get("result")
+        return ProbeAnswer(outcome, result if isinstance(result, dict) else None, str(answer.get("error") or ""))
+
+    def run_argv(self, argv: list[str], context: TaskContext) -> dict | None:
+        """Run one configured argv for the task and return its JSON result (see `run`)."""
         if not context.cancelled.is_set() and time.monotonic() >= context.deadline:
             context.stop("timeout")
         if context.cancelled.is_set():
@@ -340,8 +369,6 @@ class CommandDriver(Driver):
             message = f"command stopped with {signal_text} because {stop_description(context)}"
             raise TaskFailed(message, result=run.output.result)
         return self.outcome(run, duration)
-
-    create = start = stop = restart = delete = reset = reset_password = run
 
     def start_process(self, argv: list[str], context: TaskContext) -> subprocess.Popen:
         environment = {**os.environ, **self.config.env}
