@@ -116,6 +116,21 @@ def parse_data(text: str) -> dict:
     return value
 
 
+def known_task_id(provider: str, entry_id: str, fields: dict) -> str | None:
+    """Return the task id of an entry that may be invalid, or None when its `id` is unusable.
+
+    An entry without `id` has the derived id, as a valid entry would.
+    """
+    raw = fields.get("id", fields.get(b"id"))
+    if raw is None or raw in ("", b""):
+        return derive_task_id(provider, entry_id)
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        return None
+    return text if TASK_ID_PATTERN.match(text) else None
+
+
 def parse_entry(provider: str, entry_id: str, fields: dict) -> TaskSpec:
     """Validate one stream entry and return it as a TaskSpec.
 

@@ -14,7 +14,7 @@ import redis
 
 from shared.keys import WORKER_GROUP, Keys
 from shared.redaction import Redactor
-from shared.schema import TaskSpec
+from shared.schema import INSTANCE_ID_PATTERN, TASK_ID_PATTERN, USER_ID_PATTERN, TaskSpec, known_task_id
 from shared.states import (
     TERMINAL_STATUSES,
     TRANSITIONAL_INSTANCE_STATUSES,
@@ -282,8 +282,13 @@ class TaskState:
         )
         return len(reply[1]) if reply and len(reply) > 1 else 0
 
-    def dead_letter(self, provider: str, entry_id: str, fields: dict, reason: str) -> None:
-        """Move an invalid entry to the dead-letter stream with its fields redacted."""
+    def dead_letter(self, provider: str, entry_id: str, fields: dict, reason: str, record_task: bool = False) -> None:
+        """Move an invalid entry to the dead-letter stream with its fields redacted.
+
+        With `record_task`, a task id that can be read from the entry and is still free
+        is registered as a failed task whose error is the reason. A duplicate id is never
+        recorded, because the id belongs to the first task.
+        """
         readable = {_text(name): _text(value) for name, value in fields.items()}
         for name in list(readable):
             if self.redactor.is_secret(name):
@@ -295,11 +300,35 @@ class TaskState:
                 # Secret fields cannot be found in broken JSON, so none of it is kept.
                 readable["data"] = "(not valid JSON, not shown)"
         instance = readable.get("instance", "")
+        task_id = known_task_id(provider, entry_id, fields) if record_task else None
+        task_pairs: list[str] = []
+        if task_id is not None and self._claim_raw(task_id, provider, entry_id):
+            task_pairs = [
+                "id", task_id, "provider", provider, "entry", entry_id, "timeout", "0", "data", "{}",
+                *_readable_pairs(readable, {"type": TASK_ID_PATTERN, "instance": INSTANCE_ID_PATTERN,
+                                            "user": USER_ID_PATTERN}),
+            ]  # fmt: skip
+        else:
+            task_id = None
         self.scripts["dead_letter"](
-            keys=[self.keys.dead(provider), self.keys.tasks(provider), self.keys.instance_queue(provider, instance)],
-            args=[self.dead_max_len, WORKER_GROUP, entry_id, reason, orjson.dumps(readable).decode()],
+            keys=[
+                self.keys.dead(provider), self.keys.tasks(provider), self.keys.instance_queue(provider, instance),
+                self.keys.task(provider, task_id or "-"), self.keys.events(provider),
+            ],
+            args=[self.dead_max_len, WORKER_GROUP, entry_id, reason, orjson.dumps(readable).decode(),
+                  self.events_max_len, *task_pairs],
+        )  # fmt: skip
+        log.warning(
+            "entry rejected provider=%s entry=%s task_id=%s reason=%s", provider, entry_id, task_id or "-", reason
         )
-        log.warning("entry rejected provider=%s entry=%s reason=%s", provider, entry_id, reason)
+
+    def _claim_raw(self, task_id: str, provider: str, entry_id: str) -> bool:
+        """Reserve `task_id` for this entry; False when another entry holds it."""
+        owner = f"{provider} {entry_id}"
+        index = self.keys.task_index()
+        if self.client.hsetnx(index, task_id, owner):
+            return True
+        return _text(self.client.hget(index, task_id) or b"") in ("", owner)
 
     def take_due_retry(self, provider: str, consumer: str) -> tuple[str, dict] | float | None:
         """Claim the first due automatic retry for `consumer`.
@@ -371,3 +400,12 @@ class TaskState:
 
 def is_terminal(status: str) -> bool:
     return status in TERMINAL_STATUSES
+
+
+def _readable_pairs(readable: dict[str, str], patterns: dict) -> list[str]:
+    """Field/value pairs of a rejected entry's fields that match their pattern; others empty."""
+    pairs: list[str] = []
+    for name, pattern in patterns.items():
+        value = readable.get(name, "")
+        pairs += [name, value if pattern.match(value) else ""]
+    return pairs

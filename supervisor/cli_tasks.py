@@ -294,6 +294,11 @@ def retry(config: Config, task_id: str, wait_seconds: float) -> None:
         status = task.get("status", "")
         if status not in (TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED):
             fail(f"task '{task_id}' is {status}: only failed, timeout or cancelled tasks can be retried; nothing was changed")
+        if task.get("error", "").startswith("rejected: "):
+            fail(
+                f"task '{task_id}' cannot be retried: its entry was rejected ({task['error'][len('rejected: '):]}); "
+                f"push a corrected entry with a new id"
+            )
         hidden = _secret_fields_in(state.redactor, task.get("data") or "{}")
         if hidden:
             fail(

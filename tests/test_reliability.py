@@ -417,3 +417,46 @@ def test_redis_emptied_recreates_groups(tmp_path, redis_server, start_supervisor
     assert "child process crashed" not in supervisor.log()
     warnings = [line for line in supervisor.log().splitlines() if " WARNING " in line or " ERROR " in line]
     assert len(warnings) < 40, warnings[-10:]
+
+
+def test_rejected_entry_recorded_as_failed(tmp_path, redis_server, start_supervisor, sqlite_url):
+    script = write_script(tmp_path / "op.sh", 'cat >/dev/null\n[ "$3" = first ] && sleep 2\necho "{}"\n')
+    supervisor = start_supervisor({"p": command_provider(script, concurrent=2)})
+    client = redis_server.client()
+    client.xadd(STREAM, {"id": "first", "type": "start", "instance": "vm-1", "user": "u"})
+    wait_for(lambda: task_hash(client, "p", "first").get("status") == "running", 10, "the first task")
+    client.xadd(STREAM, {"id": "bad-type", "type": "boot", "instance": "vm-2", "user": "u"})
+    no_id_entry = client.xadd(STREAM, {"type": "start", "instance": "vm-3"}).decode()
+    client.xadd(STREAM, {"id": "first", "type": "stop", "instance": "vm-1", "user": "mallory"})
+    client.xadd(STREAM, {"id": "bad id!", "type": "start", "instance": "vm-4", "user": "u"})
+    client.xadd(STREAM, {"id": "after", "type": "start", "instance": "vm-5", "user": "u"})
+
+    wait_for(lambda: client.xlen("taskvisor:{p}:dead") == 4, 10, "four dead letters")
+    bad_type = task_hash(client, "p", "bad-type")
+    assert bad_type["status"] == "failed"
+    assert bad_type["error"].startswith("rejected: field 'type' has unknown value 'boot'")
+    assert (bad_type["type"], bad_type["instance"], bad_type["user"]) == ("boot", "vm-2", "u")
+    derived = task_hash(client, "p", f"p:{no_id_entry}")
+    assert derived["status"] == "failed"
+    assert derived["error"] == "rejected: field 'user' is missing: expected the id of the user who requested the task"
+    # The duplicate id changed nothing of the first task, and an unreadable id made no task.
+    wait_for(lambda: task_hash(client, "p", "first").get("status") == "completed", 10, "the first task to end")
+    assert task_hash(client, "p", "first")["user"] == "u"
+    assert task_hash(client, "p", "bad id!") == {}
+    wait_for(lambda: task_hash(client, "p", "after").get("status") == "completed", 10, "the task behind them")
+
+    from shared.store import open_store
+
+    def rejected_row():
+        store = open_store(sqlite_url)
+        try:
+            return store.get_task("bad-type")
+        finally:
+            store.close()
+
+    row = wait_for(rejected_row, 10, "the rejected task in SQL")
+    assert row["status"] == "failed"
+    assert row["error_message"].startswith("rejected: field 'type'")
+    refused = cli(supervisor.config_path, "retry", "bad-type")
+    assert refused.returncode == 1
+    assert "its entry was rejected (field 'type' has unknown value 'boot'" in refused.stderr

@@ -214,7 +214,7 @@ class Worker:
         try:
             spec = parse_entry(self.provider, entry_id, fields)
         except InvalidEntry as exc:
-            self.state.dead_letter(self.provider, entry_id, fields, str(exc))
+            self.state.dead_letter(self.provider, entry_id, fields, str(exc), record_task=True)
             return EXIT_OK, None
         timeout = spec.timeout or self.settings.timeout_for(spec.type)
         # Usually the intake has registered the task and reserved its id, so one round trip

@@ -1,10 +1,33 @@
 -- Move a rejected entry to the dead-letter stream, then acknowledge and delete it, and
--- drop it from its instance queue so that it holds up no later task.
--- KEYS: dead-letter stream, task stream, instance queue (may be a key that does not exist).
--- ARGV: dead maxlen, consumer group, entry id, reason, entry fields as JSON.
+-- drop it from its instance queue so that it holds up no later task. When its task id
+-- is known and was free (or the task's current entry is this one), the task is also
+-- recorded as failed with the reason, so the panel finds the reason in the status hash,
+-- the event stream and SQL.
+-- KEYS: dead-letter stream, task stream, instance queue (may be a key that does not
+--       exist), task hash, event stream.
+-- ARGV: dead maxlen, consumer group, entry id, reason, entry fields as JSON, events
+--       maxlen, then the field/value pairs of the failed task ('' pairs for none).
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'entry', ARGV[3], 'reason', ARGV[4],
   'fields', ARGV[5], 'at', now())
 redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
 redis.call('XDEL', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[3], queue_member(ARGV[3]))
+if #ARGV <= 6 then
+  return 1
+end
+local status = redis.call('HGET', KEYS[4], 'status')
+if not status then
+  create_pending(KEYS[4], KEYS[5], ARGV[6], 7)
+  status = 'pending'
+elseif redis.call('HGET', KEYS[4], 'entry') ~= ARGV[3] then
+  return 1
+end
+if not TERMINAL[status] then
+  local t = now()
+  redis.call('HSET', KEYS[4], 'status', 'failed', 'error', 'rejected: ' .. ARGV[4],
+    'message', 'rejected; the entry is in the dead-letter stream', 'completed_at', t, 'updated_at', t)
+  redis.call('HINCRBY', KEYS[4], 'version', 1)
+  emit(KEYS[4], KEYS[5], ARGV[6], nil, false)
+  return 2
+end
 return 1
