@@ -58,12 +58,25 @@ class TaskContext:
         self.cancelled = threading.Event()
         self.stop_reason: str | None = None
         self._report_progress = report_progress
+        self._stop_callbacks: list[Callable[[], None]] = []
 
     def stop(self, reason: str) -> None:
         """Ask the running driver method to stop; the first reason given is kept."""
         if self.stop_reason is None:
             self.stop_reason = reason
         self.cancelled.set()
+        for callback in list(self._stop_callbacks):
+            callback()
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from the thread that requests the stop) when the task must stop.
+
+        A driver that waits in select() or poll() can use it to wake up at once, for
+        example by writing to a pipe it watches. The callback must be quick and must not raise.
+        """
+        self._stop_callbacks.append(callback)
+        if self.cancelled.is_set():
+            callback()
 
     def progress(self, percent: float, message: str = "") -> None:
         """Report progress from 0 to 100 with an optional short message."""

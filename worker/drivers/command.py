@@ -38,8 +38,12 @@ from worker.drivers.base import Driver, ProbeAnswer, TaskContext
 
 log = logging.getLogger(__name__)
 
-# Maximum wait in the supervising loops, so a stop request is noticed within this time.
+# Maximum wait in the supervising loops. A stop request wakes them at once.
 POLL_INTERVAL = 0.05
+# Wait between two looks for the exit of a stopped program whose pipes are closed.
+EXIT_POLL_INTERVAL = 0.005
+# Selector data of the pipe that stop requests write to.
+WAKEUP = "wakeup"
 # Bytes read from or written to a pipe per call.
 PIPE_CHUNK_BYTES = 65536
 # A stdout line longer than this is dropped, so a program cannot fill the worker's memory.
@@ -175,6 +179,17 @@ class CommandRun:
             self.selector.register(stream, selectors.EVENT_READ)
         os.set_blocking(process.stdin.fileno(), False)
         self.selector.register(process.stdin, selectors.EVENT_WRITE)
+        # A stop request writes to this pipe, so a select() that waits for output returns
+        # at once instead of after its poll interval.
+        self.wakeup_read, self.wakeup_write = os.pipe()
+        os.set_blocking(self.wakeup_read, False)
+        os.set_blocking(self.wakeup_write, False)
+        self.selector.register(self.wakeup_read, selectors.EVENT_READ, WAKEUP)
+        context.on_stop(self._wake_up)
+
+    def _wake_up(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.wakeup_write, b"x")
 
     def supervise(self) -> bool:
         """Pump stdin and output until the program exits (return True) or the task must stop (False)."""
@@ -184,7 +199,7 @@ class CommandRun:
             if self.process.poll() is not None:
                 if drain_until is None:
                     drain_until = now + EXIT_DRAIN_SECONDS
-                if now >= drain_until or not self.selector.get_map():
+                if now >= drain_until or not self.streams_open():
                     return True
             elif self.context.cancelled.is_set():
                 return False
@@ -196,15 +211,21 @@ class CommandRun:
             else:
                 self.pump(POLL_INTERVAL)
 
+    def streams_open(self) -> bool:
+        return any(key.data is not WAKEUP for key in self.selector.get_map().values())
+
     def pump(self, timeout: float) -> None:
-        if not self.selector.get_map():
+        if not self.streams_open():
             if self.context.cancelled.is_set():
                 time.sleep(timeout)
             else:
                 self.context.cancelled.wait(timeout)
             return
         for key, _ in self.selector.select(timeout):
-            if key.fileobj is self.process.stdin:
+            if key.data is WAKEUP:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wakeup_read, 64)
+            elif key.fileobj is self.process.stdin:
                 self.write_input()
             else:
                 self.read_output(key.fileobj)
@@ -241,8 +262,13 @@ class CommandRun:
     def close(self) -> None:
         """Close the pipes that are still open and parse the last stdout line."""
         for key in list(self.selector.get_map().values()):
-            self.close_stream(key.fileobj)
+            if key.data is WAKEUP:
+                self.selector.unregister(key.fileobj)
+            else:
+                self.close_stream(key.fileobj)
         self.selector.close()
+        os.close(self.wakeup_read)
+        os.close(self.wakeup_write)
         self.output.finish_stdout()
 
     def terminate(self) -> bool:
@@ -268,8 +294,9 @@ class CommandRun:
                     return True
             if time.monotonic() >= deadline:
                 return False
-            # Keep reading, so a program that writes while shutting down does not block on a full pipe.
-            self.pump(POLL_INTERVAL)
+            # Keep reading, so a program that writes while shutting down does not block on a
+            # full pipe. Once its pipes are closed, look for its exit more often.
+            self.pump(POLL_INTERVAL if self.streams_open() else EXIT_POLL_INTERVAL)
 
 
 def signal_group(group: int, signum: int) -> None:
