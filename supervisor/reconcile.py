@@ -23,14 +23,22 @@ import time
 import psutil
 import redis
 
-from shared.keys import Keys
+from shared.keys import PROVIDER_ID_PATTERN, Keys
+from shared.provider_settings import providers_set_key
 from shared.settings import Config
 from shared.states import TRANSITIONAL_INSTANCE_STATUSES
 from shared.taskstate import TaskState
 from supervisor.recovery import reassign_orphans
+from supervisor.status import read_statuses
 from worker.main import consumer_name
 
 log = logging.getLogger(__name__)
+
+# Seconds between two looks for task streams of providers that no supervisor runs, and
+# the age after which their entries are rejected: long enough for an operator to add a
+# provider that the panel started to use a little early.
+UNKNOWN_CHECK_SECONDS = 60.0
+UNKNOWN_PROVIDER_GRACE_SECONDS = 300.0
 
 # Seconds a task may run past its timeout and kill grace before the pass ends it. The
 # worker itself ends a timed-out task within its kill grace and two seconds more.
@@ -80,10 +88,17 @@ class Reconciler:
         self.state = state
         self.keys = state.keys
         self.next_pass: dict[str, float] = {}
+        self.next_unknown_check = time.monotonic() + UNKNOWN_CHECK_SECONDS
 
     def run_due(self, providers: dict) -> None:
         """Run a pass for each provider whose interval has passed."""
         now = time.monotonic()
+        if now >= self.next_unknown_check:
+            self.next_unknown_check = now + UNKNOWN_CHECK_SECONDS
+            try:
+                self.reject_unknown_provider_entries(providers)
+            except redis.ResponseError as exc:
+                log.warning("check of unknown providers' streams failed error=%s", exc)
         for provider, settings in providers.items():
             if not settings.enable_task_polling:
                 continue
@@ -177,3 +192,31 @@ class Reconciler:
                     provider, instance, before,
                 )  # fmt: skip
         return repaired
+
+    def reject_unknown_provider_entries(self, providers: dict) -> int:
+        """Dead-letter entries that waited too long in the stream of a provider nobody runs.
+
+        A provider counts as known when this supervisor's config has it, any running
+        supervisor lists it in its status key, or it is in the Redis providers set.
+        Returns how many entries were rejected.
+        """
+        known = set(providers)
+        for status in read_statuses(self.state.client, self.keys):
+            known |= set(status.get("providers", {}))
+        known |= {_text(member) for member in self.state.client.smembers(providers_set_key(self.keys))}
+        cutoff_ms = int((time.time() - UNKNOWN_PROVIDER_GRACE_SECONDS) * 1000)
+        rejected = 0
+        for name in self.state.client.scan_iter(match=f"{self.keys.prefix}:{{*}}:tasks", count=1000):
+            stream = _text(name)
+            provider = self.keys.provider_from_task_key(stream)
+            if provider in known or not PROVIDER_ID_PATTERN.match(provider):
+                continue
+            for entry_bytes, fields in self.state.client.xrange(stream, max=f"{cutoff_ms}", count=200):
+                entry_id = _text(entry_bytes)
+                reason = (
+                    f"unknown provider '{provider}': no running supervisor has it; add it to the config or with "
+                    f"'taskvisor provider add', then push the task again"
+                )
+                self.state.dead_letter(provider, entry_id, fields, reason, record_task=True)
+                rejected += 1
+        return rejected

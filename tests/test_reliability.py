@@ -460,3 +460,29 @@ def test_rejected_entry_recorded_as_failed(tmp_path, redis_server, start_supervi
     refused = cli(supervisor.config_path, "retry", "bad-type")
     assert refused.returncode == 1
     assert "its entry was rejected (field 'type' has unknown value 'boot'" in refused.stderr
+
+
+def test_unknown_provider_entries_rejected(tmp_path, redis_server):
+    config_path = tmp_path / "taskvisor.yaml"
+    config_path.write_text(
+        f"redis: {{url: '{redis_server.url}'}}\nsupervisor: {{name: test}}\n"
+        "providers:\n  p:\n    driver: {type: command, commands: {start: [/bin/true]}}\n"
+    )
+    config = load_config(config_path)
+    client = redis_server.client()
+    state = TaskState(client, Keys(), 0, 1000, Redactor())
+    old_id = f"{int((time.time() - 600) * 1000)}-0"
+    client.xadd("taskvisor:{ghost}:tasks", {"id": "g-1", "type": "start", "instance": "vm-1", "user": "u"}, id=old_id)
+    client.xadd("taskvisor:{ghost}:tasks", {"id": "g-2", "type": "start", "instance": "vm-1", "user": "u"})
+    client.xadd("taskvisor:{added}:tasks", {"id": "a-1", "type": "start", "instance": "vm-1", "user": "u"}, id=old_id)
+    client.sadd("taskvisor:providers", "added")
+
+    assert Reconciler(config, state).reject_unknown_provider_entries(config.providers) == 1
+    task = task_hash(client, "ghost", "g-1")
+    assert task["status"] == "failed"
+    assert task["error"].startswith("rejected: unknown provider 'ghost': no running supervisor has it")
+    dead = client.xrange("taskvisor:{ghost}:dead")
+    assert [fields[b"entry"].decode() for _id, fields in dead] == [old_id]
+    # A young entry may still get its provider, and a provider added in Redis is known.
+    assert client.xlen("taskvisor:{ghost}:tasks") == 1
+    assert client.xlen("taskvisor:{added}:tasks") == 1
