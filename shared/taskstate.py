@@ -20,6 +20,7 @@ from shared.states import (
     TRANSITIONAL_INSTANCE_STATUSES,
     InstanceStatus,
     TaskStatus,
+    TaskType,
     instance_rule_after,
     instance_rule_given_up,
     instance_rule_while_running,
@@ -34,11 +35,17 @@ SCRIPT_NAMES = (
 )  # fmt: skip
 
 
+# Function files that a script needs besides common.lua.
+SCRIPT_LIBRARIES = {"start": ("start_task",), "take": ("start_task",)}
+
+
 def _script_source(name: str) -> str:
     folder = resources.files("shared") / "lua"
-    common = (folder / "common.lua").read_text(encoding="utf-8")
-    body = (folder / f"{name}.lua").read_text(encoding="utf-8")
-    return lua_transition_table() + common + "\n" + body
+    parts = [lua_transition_table(), (folder / "common.lua").read_text(encoding="utf-8")]
+    for library in SCRIPT_LIBRARIES.get(name, ()):
+        parts.append((folder / f"{library}.lua").read_text(encoding="utf-8"))
+    parts.append((folder / f"{name}.lua").read_text(encoding="utf-8"))
+    return "\n".join(parts)
 
 
 def _text(value: object) -> str:
@@ -155,19 +162,41 @@ class TaskState:
             client=pipe,
         )
 
-    def take(self, provider: str, consumer: str) -> tuple[str, dict] | str:
+    def take(self, provider: str, consumer: str, start_arguments: str = "") -> tuple[str, dict, StartResult | None] | str:
         """Deliver the next new entry to `consumer`, queueing it behind its instance's earlier ones.
 
-        Returns (entry id, fields), or the id of the newest entry when there is nothing new.
+        With `start_arguments` (from `start_arguments`), a registered task is also started
+        in the same step. Returns (entry id, fields, the start's result or None), or the
+        id of the newest entry when there is nothing new.
         """
         reply = self.scripts["take"](
             keys=[self.keys.tasks(provider)],
-            args=[WORKER_GROUP, consumer, self.keys.instance_queue_prefix(provider)],
+            args=[WORKER_GROUP, consumer, self.keys.instance_queue_prefix(provider), start_arguments],
         )
         if _text(reply[0]) == "none":
             return _text(reply[1])
         flat = reply[2]
-        return _text(reply[1]), {flat[index]: flat[index + 1] for index in range(0, len(flat), 2)}
+        fields = {flat[index]: flat[index + 1] for index in range(0, len(flat), 2)}
+        started = StartResult(reply[3:]) if len(reply) > 3 else None
+        return _text(reply[1]), fields, started
+
+    def start_arguments(
+        self, provider: str, owner: str, lease_ms: int, actions: dict[str, str], poison_runs: int, limit: int
+    ) -> str:
+        """Return the JSON that lets `take` start registered tasks; `actions` maps type to on-interrupt action."""
+        types = {
+            str(task_type): [
+                instance_rule_while_running(task_type), instance_rule_after(task_type, TaskStatus.CANCELLED),
+                instance_rule_given_up(task_type), actions[str(task_type)],
+            ]
+            for task_type in TaskType
+        }  # fmt: skip
+        task_key = self.keys.task(provider, "")
+        return orjson.dumps({
+            "prefix": task_key[: -len("task:")], "provider": provider, "owner": owner, "lease_ms": lease_ms,
+            "maxlen": self.events_max_len, "poison": poison_runs, "limit": limit, "dead_maxlen": self.dead_max_len,
+            "types": types,
+        }).decode()  # fmt: skip
 
     def _task_keys(self, spec: TaskSpec) -> list[str]:
         provider = spec.provider

@@ -27,7 +27,7 @@ from shared.redaction import Redactor
 from shared.redis_client import connect, ensure_group
 from shared.schema import INSTANCE_ID_PATTERN, TaskSpec, parse_entry
 from shared.settings import Config
-from shared.states import TaskStatus, instance_rule_after, instance_rule_given_up
+from shared.states import TaskStatus, TaskType, instance_rule_after, instance_rule_given_up
 from shared.taskstate import StartResult, TaskState
 from worker.drivers import load_driver
 from worker.drivers.base import TaskContext
@@ -114,6 +114,11 @@ class Worker:
             log.error("worker failed to start provider=%s pid=%d error=%s", self.provider, os.getpid(), exc)
             return EXIT_BOOT_FAILURE
         self.state = self.make_state(self.client)
+        self.start_arguments = self.state.start_arguments(
+            self.provider, self.owner, self.lease_ms,
+            {str(task_type): self.interrupt_action(task_type) for task_type in TaskType},
+            self.settings.max_interrupted_runs, self.settings.group_size,
+        )  # fmt: skip
         threading.Thread(
             target=renew_leases,
             args=(self.make_state(connect(self.config.redis.url)), self.current, self.owner, self.consumer, self.lease_ms),
@@ -167,11 +172,11 @@ class Worker:
                     time.sleep(FULL_PAUSE_SECONDS)
                     next_own_check = min(next_own_check, self.full_until)
                     continue
-                taken = self.state.take(self.provider, self.consumer)
+                taken = self.state.take(self.provider, self.consumer, self.start_arguments)
                 if isinstance(taken, str):
                     # Nothing new: wait until an entry newer than the newest one arrives.
                     self.client.xread({self.stream: taken}, count=1, block=READ_BLOCK_MS)
-                elif self.run_entry(*taken) == EXIT_DRIVER_STUCK:
+                elif self.run_taken(*taken) == EXIT_DRIVER_STUCK:
                     return EXIT_DRIVER_STUCK
                 backoff = 0.5
             except redis.ResponseError as exc:
@@ -193,6 +198,25 @@ class Worker:
             for entry_id, fields in items:
                 entries.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields))
         return entries
+
+    def run_taken(self, entry_id: str, fields: dict, started: StartResult | None) -> int:
+        """Run an entry that `take` delivered, and started too when its task was registered."""
+        if started is None or not started.owned:
+            # Not started in the take (not registered yet, or not startable now): the
+            # usual path looks at it again and handles every reply.
+            return self.run_entry(entry_id, fields)
+        try:
+            spec = parse_entry(self.provider, entry_id, fields)
+        except InvalidEntry as exc:
+            # Only a registered task is started in the take, and the intake registers only
+            # valid entries, so this means the entry and the task disagree.
+            log.error("started task has an invalid entry provider=%s entry=%s error=%s", self.provider, entry_id, exc)
+            return self.run_entry(entry_id, fields)
+        timeout = spec.timeout or self.settings.timeout_for(spec.type)
+        code, handed_over = self.execute(spec, timeout, started)
+        if code != EXIT_OK or handed_over is None:
+            return code
+        return self.run_entry(*handed_over)
 
     def run_entry(self, entry_id: str, fields: dict | None) -> int:
         """Process one entry, then the tasks of the same instance handed over after it."""
@@ -252,13 +276,19 @@ class Worker:
         return self.execute(spec, timeout, started)
 
     def start(self, spec: TaskSpec, timeout: float, registered_only: bool = False) -> StartResult:
-        action = self.settings.interrupt_action_for(spec.type)
-        if action == "probe" and not self.driver.has_probe(str(spec.type)):
-            action = "fail"
         return self.state.start(
-            spec, timeout, self.owner, self.lease_ms, registered_only=registered_only, on_interrupt=action,
-            poison_runs=self.settings.max_interrupted_runs, limit=self.settings.group_size,
+            spec, timeout, self.owner, self.lease_ms, registered_only=registered_only,
+            on_interrupt=self.interrupt_action(spec.type), poison_runs=self.settings.max_interrupted_runs,
+            limit=self.settings.group_size,
         )  # fmt: skip
+
+    def interrupt_action(self, task_type: TaskType) -> str:
+        """What to do with an interrupted run of `task_type`: the provider's rule, or fail without a probe."""
+        action = self.settings.interrupt_action_for(task_type)
+        if action == "probe" and not self.driver.has_probe(str(task_type)):
+            action = "fail"
+        return action
+
 
     def execute(self, spec: TaskSpec, timeout: float, started: StartResult) -> tuple[int, tuple[str, dict] | None]:
         log.info(
