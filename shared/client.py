@@ -30,6 +30,7 @@ from shared.provider_settings import (
     config_channel,
     settings_key,
 )
+from shared.redis_client import connect, is_cluster
 from shared.schema import PROTOCOL_VERSION, derive_task_id, parse_entry
 from shared.states import TERMINAL_STATUSES, TaskStatus, TaskType
 
@@ -135,8 +136,8 @@ class TaskvisorClient:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "taskvisor") -> "TaskvisorClient":
-        """Connect to the Redis at `url`, such as redis://127.0.0.1:6379/0."""
-        return cls(redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10), prefix)
+        """Connect to the Redis at `url`, in any form that `redis.url` takes, such as redis://127.0.0.1:6379/0."""
+        return cls(connect(url, socket_timeout=10), prefix)
 
     # -- submit -----------------------------------------------------------------
 
@@ -303,10 +304,8 @@ class TaskvisorClient:
             raise CancelRejected(task_id, f"user {user} may not cancel a task of user {task.user}; nothing was changed")
 
         task_key = self.keys.task(provider, task_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(task_key, mapping={"cancel_request_user": user, "cancel_request_reason": reason})
-        pipe.publish(self.keys.cancel_channel(), f"{provider} {task_id}")
-        pipe.execute()
+        request = {"cancel_request_user": user, "cancel_request_reason": reason}
+        self._hset_and_publish(task_key, request, self.keys.cancel_channel(), f"{provider} {task_id}")
         if task is None or wait <= 0:
             return None
 
@@ -344,9 +343,18 @@ class TaskvisorClient:
         if not settings:
             return
         encoded = {name: orjson.dumps(value).decode() for name, value in settings.items()}
+        self._hset_and_publish(settings_key(self.keys, provider), encoded, config_channel(self.keys), provider)
+
+    def _hset_and_publish(self, key: str, mapping: Mapping[str, str], channel: str, message: str) -> None:
+        """Write `mapping` into the hash `key`, then announce it on `channel`."""
+        if is_cluster(self.redis):
+            # A cluster pipeline cannot send PUBLISH.
+            self.redis.hset(key, mapping=mapping)
+            self.redis.publish(channel, message)
+            return
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(settings_key(self.keys, provider), mapping=encoded)
-        pipe.publish(config_channel(self.keys), provider)
+        pipe.hset(key, mapping=mapping)
+        pipe.publish(channel, message)
         pipe.execute()
 
 

@@ -9,12 +9,14 @@ a while before the slot is given out again. The child writes its own heartbeat i
 its slot. The monitor process reads the table to serve /healthz, /readyz, /status
 and /metrics.
 
-Each slot has two parts, and each part has one writer:
+Each slot has three parts, and each part has one writer:
 
 - the owner part, written by the supervisor: state, pid, role, provider, worker slot,
   flags, wait status, fork time and exit time;
 - the beat part, written by the process in the slot: its pid, the heartbeat time,
-  an announced pause, the start time of its current task and the number of tasks done.
+  an announced pause, the start time of its current task and the number of tasks done;
+- the counter part, also written by the process in the slot: how often it lost its
+  connection to Redis or to the SQL database and retried (see `count_reconnect`).
 
 There are no locks between processes. A write is a `struct.pack_into` of one part,
 which is several stores, so a reader can see a part half written. `read_slot` copies
@@ -72,7 +74,10 @@ _OWNER = struct.Struct("=IiHHIi4xdd64s")
 # Beat part: pid, heartbeat time, announced pause in seconds, task start (Unix time,
 # 0 when idle), tasks done.
 _BEAT = struct.Struct("=i4xdddQ")
-SLOT_SIZE = _OWNER.size + _BEAT.size
+# Counter part: Redis reconnects, database reconnects.
+_COUNTERS = struct.Struct("=QQ")
+RECONNECT_TARGETS = ("redis", "database")
+SLOT_SIZE = _OWNER.size + _BEAT.size + _COUNTERS.size
 # Copies of a slot that `read_slot` makes at most while looking for two equal ones.
 _READ_ATTEMPTS = 4
 
@@ -101,6 +106,9 @@ class Slot(msgspec.Struct, frozen=True):
     task_started_at: float
     # Tasks a worker finished; task rows the mirror wrote.
     tasks_done: int
+    # Times the process lost its connection and retried, per target in RECONNECT_TARGETS.
+    redis_reconnects: int = 0
+    database_reconnects: int = 0
 
     @property
     def has_beaten(self) -> bool:
@@ -128,6 +136,10 @@ class HeartbeatTable:
         self._supervisor_started = time.monotonic()
         self._supervisor_flags = 0
         self._write_owner(SUPERVISOR_SLOT, LIVE, os.getpid(), "supervisor", "", 0, 0, 0, self._supervisor_started, 0.0)
+        # The process that creates the table is the supervisor: its own reconnects count in
+        # slot 0 until `attach` in a forked child points the counters at the child's slot.
+        global _counters
+        _counters = _CounterWriter(self, SUPERVISOR_SLOT)
 
     # -- supervisor side ------------------------------------------------------------
 
@@ -138,6 +150,7 @@ class HeartbeatTable:
             log.error("heartbeat table full: %d slots in use; the new %s process gets no heartbeat slot", self.slot_count, role)
             return NO_SLOT
         _BEAT.pack_into(self.memory, index * SLOT_SIZE + _OWNER.size, 0, 0.0, 0.0, 0.0, 0)
+        _COUNTERS.pack_into(self.memory, index * SLOT_SIZE + _OWNER.size + _BEAT.size, 0, 0)
         self._pending[index] = (role, provider, worker_slot, time.monotonic())
         return index
 
@@ -223,6 +236,7 @@ class HeartbeatTable:
 def _decode(index: int, raw: bytes) -> Slot:
     state, pid, role_code, worker_slot, flags, wait_status, started, ended, provider = _OWNER.unpack_from(raw, 0)
     beat_pid, heartbeat, pause, task_started_at, tasks_done = _BEAT.unpack_from(raw, _OWNER.size)
+    redis_reconnects, database_reconnects = _COUNTERS.unpack_from(raw, _OWNER.size + _BEAT.size)
     return Slot(
         index=index,
         state=state,
@@ -239,6 +253,8 @@ def _decode(index: int, raw: bytes) -> Slot:
         pause=pause,
         task_started_at=task_started_at,
         tasks_done=tasks_done,
+        redis_reconnects=redis_reconnects,
+        database_reconnects=database_reconnects,
     )
 
 
@@ -276,13 +292,42 @@ class _SlotWriter:
             )
 
 
+class _CounterWriter:
+    """Writer of the counter part of one slot; any thread of the owning process may call `add`."""
+
+    def __init__(self, table: HeartbeatTable, index: int) -> None:
+        self.table = table
+        self.offset = index * SLOT_SIZE + _OWNER.size + _BEAT.size
+        self.counts = dict.fromkeys(RECONNECT_TARGETS, 0)
+        self.lock = threading.Lock()
+
+    def add(self, target: str) -> None:
+        with self.lock:
+            self.counts[target] += 1
+            _COUNTERS.pack_into(self.table.memory, self.offset, *(self.counts[name] for name in RECONNECT_TARGETS))
+
+
 _writer: _SlotWriter | None = None
+_counters: _CounterWriter | None = None
 
 
 def attach(table: HeartbeatTable | None, index: int) -> None:
-    """Make this process (right after the fork) write its heartbeats into slot `index`."""
-    global _writer
-    _writer = _SlotWriter(table, index) if table is not None and index != NO_SLOT else None
+    """Make this process (right after the fork) write its heartbeats and counters into slot `index`."""
+    global _writer, _counters
+    attached = table is not None and index != NO_SLOT
+    _writer = _SlotWriter(table, index) if attached else None
+    _counters = _CounterWriter(table, index) if attached else None
+
+
+def count_reconnect(target: str) -> None:
+    """Count one lost connection to `target` ("redis" or "database"); does nothing without a slot.
+
+    shared/logs.py calls it for the log lines that report such a loss, so the processes
+    need no code of their own for it.
+    """
+    counters = _counters
+    if counters is not None and target in counters.counts:
+        counters.add(target)
 
 
 def beat(*, task_started_at: float | None = None, tasks_done: int | None = None, pause: float = 0.0) -> None:

@@ -24,6 +24,7 @@ from shared.settings import ProviderConfig, parse_provider
 PROVIDER_KEYS = (
     "allowConcurrentTasks", "maxConcurrentTasks", "taskPollInterval", "enableTaskPolling", "timeouts", "driver",
     "onInterrupt", "maxInterruptedRuns", "maxRetries", "retryBackoffBase", "retryBackoffCap",
+    "maxTasksPerWorker", "maxWorkerMemoryMB",
 )  # fmt: skip
 STATE_KEYS = ("paused", "removed")
 SOURCE = "redis provider settings"

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
-import redis
 import yaml
 
 from shared.errors import ConfigError
 from shared.keys import PROVIDER_ID_PATTERN
 from shared.redaction import redact_url
+from shared.redis_client import parse_url as parse_redis_url
 from shared.states import DEFAULT_TIMEOUTS, IDEMPOTENT_TYPES, TaskType
 from shared.store import ACCEPTED_FORMS as DATABASE_URL_FORMS
 
@@ -33,9 +33,21 @@ INTERRUPT_ACTIONS = ("rerun", "probe", "fail")
 
 TASK_TYPE_NAMES = ", ".join(TaskType)
 
-# The schemes that redis-py 8.2's Redis.from_url accepts.
-REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
-REDIS_URL_RULE = "expected a URL that starts with redis://, rediss:// or unix://, such as redis://127.0.0.1:6379/0"
+# Bounds of `maxWorkerMemoryMB` other than 0. A worker uses about 40 MiB before its first
+# task (measured with CPython 3.11), so a smaller limit would replace it after every task.
+MIN_WORKER_MEMORY_MB = 64
+MAX_WORKER_MEMORY_MB = 1024 * 1024
+# Smallest `supervisor.retention` other than 0: finished tasks stay readable at least this long.
+MIN_RETENTION_SECONDS = 3600
+MAX_RETENTION_SECONDS = 10 * 366 * 86400
+
+# redis://, rediss:// and unix:// go to redis-py 8.2's Redis.from_url, and
+# shared.redis_client parses the other two.
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+REDIS_URL_RULE = (
+    "expected a URL that starts with redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://,"
+    " such as redis://127.0.0.1:6379/0 (see the redis section of docs/configuration.md)"
+)
 # The URL starts that shared.store.open_store accepts. Like open_store, the check ignores the case of the scheme.
 DATABASE_URL_PREFIXES = ("sqlite:///", "mysql://", "mariadb://")
 
@@ -88,6 +100,13 @@ class ProviderConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True,
     # seconds before the first automatic retry; each later one waits twice as long, up to the cap
     retry_backoff_base: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 2.0
     retry_backoff_cap: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 300.0
+    # a worker exits after this many tasks and is replaced at once (0, the default: never)
+    max_tasks_per_worker: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # a worker whose resident memory is above this many MiB after a task exits and is
+    # replaced at once (0, the default: never); see MIN_WORKER_MEMORY_MB
+    max_worker_memory_mb: Annotated[int, msgspec.Meta(ge=0, le=MAX_WORKER_MEMORY_MB)] = msgspec.field(
+        default=0, name="maxWorkerMemoryMB"
+    )
 
     @property
     def group_size(self) -> int:
@@ -136,6 +155,9 @@ class SupervisorConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=Tru
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 30.0
     # seconds a task lease lives without a heartbeat; workers renew it every third of that
     lease_seconds: Annotated[float, msgspec.Meta(ge=3, le=3600)] = 15.0
+    # seconds after which the reconciliation pass deletes finished tasks from Redis and
+    # SQL; 0 (the default) keeps them forever
+    retention: Annotated[float, msgspec.Meta(ge=0, le=MAX_RETENTION_SECONDS)] = 0.0
 
 
 class HealthConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
@@ -348,16 +370,15 @@ def _masked_url(url: str) -> str:
 
 
 def _check_redis_url(url: str, subject: str) -> None:
-    """Raise ConfigError unless redis-py can parse `url`.
+    """Raise ConfigError unless `url` is a Redis URL that shared.redis_client.connect accepts.
 
-    `subject` starts the message and names where the URL came from.
+    `subject` starts the message and names where the URL came from. Nothing connects here.
     """
     scheme, separator, _rest = url.partition("://")
     if not separator or scheme.lower() not in REDIS_URL_SCHEMES:
         raise ConfigError(f"{subject} (value {_masked_url(url)!r}): {REDIS_URL_RULE}")
     try:
-        # This parses the URL and its query arguments without connecting.
-        redis.ConnectionPool.from_url(url)
+        parse_redis_url(url)
     except ValueError as exc:
         raise ConfigError(f"{subject} (value {_masked_url(url)!r}): {exc}") from None
 
@@ -453,6 +474,12 @@ def parse_provider(provider: str, raw: Any, source: str) -> ProviderConfig:
             f"{source}: providers.{provider}.retryBackoffCap ({settings.retry_backoff_cap:g}) is less than "
             f"retryBackoffBase ({settings.retry_backoff_base:g}): the cap must be at least the first delay"
         )
+    if 0 < settings.max_worker_memory_mb < MIN_WORKER_MEMORY_MB:
+        raise ConfigError(
+            f"{source}: invalid value at providers.{provider}.maxWorkerMemoryMB (value {settings.max_worker_memory_mb}): "
+            f"expected 0 (no limit) or at least {MIN_WORKER_MEMORY_MB}, because a worker uses about 40 MiB "
+            f"before its first task and would be replaced after every task"
+        )
     return settings
 
 
@@ -477,6 +504,12 @@ def parse_config(raw: Any, source: str, base_dir: str) -> Config:
         raise ConfigError(
             f"{source}: invalid value at redis.eventsMaxLen ({config.redis.events_max_len}): "
             f"expected 0 (no cap) or at least 1000"
+        )
+    if 0 < config.supervisor.retention < MIN_RETENTION_SECONDS:
+        raise ConfigError(
+            f"{source}: invalid value at supervisor.retention (value {config.supervisor.retention:g}): expected 0 "
+            f"(keep finished tasks forever) or at least {MIN_RETENTION_SECONDS} seconds (1 hour), so that panels "
+            f"can read a task's result before it is deleted"
         )
 
     providers = {str(name): parse_provider(str(name), value, source) for name, value in config.providers.items()}

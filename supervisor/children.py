@@ -21,13 +21,15 @@ from shared import heartbeat
 from shared.heartbeat import NO_SLOT, HeartbeatTable
 from shared.logs import set_role
 from shared.process import die_with_parent
-from worker.main import EXIT_BOOT_FAILURE
+from worker.main import EXIT_BOOT_FAILURE, EXIT_RECYCLE_MEMORY, EXIT_RECYCLE_TASKS
 
 log = logging.getLogger(__name__)
 
 # A child that exits sooner than this after its start counts as a failed start.
 QUICK_EXIT_SECONDS = 5.0
 MAX_RESPAWN_DELAY = 30.0
+# Exit codes of a worker that reached a recycling limit after a task, and the limit's name.
+RECYCLE_REASONS = {EXIT_RECYCLE_TASKS: "maxTasksPerWorker", EXIT_RECYCLE_MEMORY: "maxWorkerMemoryMB"}
 
 ChildKey = tuple[str, str, int]
 
@@ -59,6 +61,8 @@ class Children:
         # key -> (monotonic time before which it is not respawned, current delay)
         self.respawn_after: dict[ChildKey, tuple[float, float]] = {}
         self.stopping = False
+        # Children reaped but not yet handed to the supervisor by `take_exited`. Several
+        # calls reap (kill_orphans too), and none of their exits may be missed.
         self.exited: list[Child] = []
 
     # -- forking -------------------------------------------------------------------
@@ -165,11 +169,16 @@ class Children:
             self._log_exit(child, status)
             self._schedule_respawn(child, status)
             ended.append(child)
+            self.exited.append(child)
 
     def _log_exit(self, child: Child, status: int) -> None:
         what = f"role={child.role} provider={child.provider or '-'} slot={child.slot} pid={child.pid}"
         expected = self.stopping or bool(child.retiring)
-        if os.WIFSIGNALED(status):
+        recycled = recycle_reason(child, status)
+        if recycled:
+            replaced = "" if expected else "; replacing it at once"
+            log.info("worker recycled after reaching its %s limit%s %s", recycled, replaced, what)
+        elif os.WIFSIGNALED(status):
             name = signal.Signals(os.WTERMSIG(status)).name
             level = logging.INFO if expected and name in ("SIGTERM", "SIGKILL") else logging.ERROR
             log.log(level, "child killed by signal %s %s", name, what)
@@ -184,7 +193,8 @@ class Children:
         key = child.key
         quick = time.monotonic() - child.started < QUICK_EXIT_SECONDS
         failed_boot = os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_FAILURE
-        if (quick and not child.retiring) or failed_boot:
+        # A recycled worker finished its tasks, so a quick exit is no sign of a broken start.
+        if (quick and not child.retiring and not recycle_reason(child, status)) or failed_boot:
             _not_before, delay = self.respawn_after.get(key, (0.0, 0.0))
             delay = min(max(delay * 2, 1.0), MAX_RESPAWN_DELAY)
             self.respawn_after[key] = (time.monotonic() + delay, delay)
@@ -194,6 +204,11 @@ class Children:
             )  # fmt: skip
         else:
             self.respawn_after.pop(key, None)
+
+    def take_exited(self) -> list[Child]:
+        """Return the children reaped since the last call, by any caller of `reap`."""
+        exited, self.exited = self.exited, []
+        return exited
 
     def kill_orphans(self) -> None:
         """Kill the process groups of commands whose worker died.
@@ -220,3 +235,10 @@ class Children:
             log.warning("killed process left by a dead worker pid=%d group=%d command=%s", proc.pid, group, command)
         if strays:
             self.reap()
+
+
+def recycle_reason(child: Child, status: int) -> str:
+    """Return the name of the limit that made a worker recycle itself, or '' for any other exit."""
+    if child.role != "worker" or not os.WIFEXITED(status):
+        return ""
+    return RECYCLE_REASONS.get(os.WEXITSTATUS(status), "")

@@ -6,14 +6,16 @@ from importlib.metadata import PackageNotFoundError, version
 import click
 
 from shared.errors import ConfigError, TaskvisorError
-from shared.logs import setup_logging
+from shared.logs import LOG_FORMATS, setup_logging
 from shared.redaction import redact_url
 from shared.settings import Config, apply_overrides, load_config
 from supervisor.cli_common import connection_options, fail, store_call
 from supervisor.cli_health import health
 from supervisor.cli_providers import provider
+from supervisor.cli_purge import purge
 from supervisor.cli_stats import stats
 from supervisor.cli_tasks import cancel, get, list_tasks, retry, submit
+from supervisor.cli_top import top
 
 
 def _version() -> str:
@@ -28,11 +30,15 @@ def _version() -> str:
 @click.option("--log-level", envvar="TASKVISOR_LOG_LEVEL",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Lowest level of log lines written to stderr [default: INFO for supervise and demo, WARNING otherwise].")
+@click.option("--log-format", envvar="TASKVISOR_LOG_FORMAT", default="text", show_default=True,
+              type=click.Choice(LOG_FORMATS),
+              help="Log lines on stderr as plain text, or as one JSON object per line; the supervisor's "
+                   "child processes use the same format [env TASKVISOR_LOG_FORMAT].")
 @click.pass_context
-def cli(context: click.Context, log_level: str | None) -> None:
+def cli(context: click.Context, log_level: str | None, log_format: str) -> None:
     """taskvisor: instance operations from Redis streams, run by per-provider worker groups."""
     long_running = context.invoked_subcommand in ("supervise", "demo")
-    setup_logging(log_level or ("INFO" if long_running else "WARNING"))
+    setup_logging(log_level or ("INFO" if long_running else "WARNING"), log_format)
 
 
 @cli.command()
@@ -95,7 +101,6 @@ def demo(data_dir: str, port: int, task_count: int) -> None:
         fail(str(exc))
 
 
-
 cli.add_command(submit)
 cli.add_command(get)
 cli.add_command(list_tasks)
@@ -104,6 +109,8 @@ cli.add_command(retry)
 cli.add_command(provider)
 cli.add_command(stats)
 cli.add_command(health)
+cli.add_command(top)
+cli.add_command(purge)
 
 
 def main() -> None:

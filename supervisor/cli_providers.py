@@ -24,6 +24,7 @@ from shared.provider_settings import (
     settings_key,
 )
 from shared.redaction import redact_url
+from shared.redis_client import is_cluster
 from shared.settings import Config, read_config_document
 from supervisor.cli_common import connection_options, fail, open_redis
 from supervisor.status import read_statuses
@@ -62,6 +63,16 @@ def _write(client: redis.Redis, keys: Keys, provider_id: str, fields: dict, remo
         pipe.hset(settings_key(keys, provider_id), mapping={name: orjson.dumps(value) for name, value in fields.items()})
     if remove:
         pipe.hdel(settings_key(keys, provider_id), *remove)
+    if is_cluster(client):
+        # On a cluster, MULTI may only touch keys of one slot, and the providers set has
+        # no hash tag. A cluster pipeline cannot send PUBLISH either, so the set and the
+        # notice follow the settings as separate commands.
+        if fields or remove:
+            pipe.execute()
+        if add_to_set:
+            client.sadd(providers_set_key(keys), provider_id)
+        client.publish(config_channel(keys), provider_id)
+        return
     if add_to_set:
         pipe.sadd(providers_set_key(keys), provider_id)
     pipe.publish(config_channel(keys), provider_id)
@@ -226,7 +237,7 @@ def remove_provider(config: Config, config_path: str | None, provider_id: str) -
 @click.argument("provider_id")
 def pause_provider(config: Config, config_path: str | None, provider_id: str) -> None:
     """Stop taking new tasks; running tasks finish and new ones wait in the stream."""
-    _set_state(config, config_path, provider_id, "paused", True, "paused; running tasks finish, new ones wait")
+    _set_state(config, config_path, provider_id, "paused", True, "paused; running tasks finish, and tasks that no worker has started by the time the supervisor applies it (within about a second) wait")
 
 
 @provider.command(name="resume")

@@ -120,7 +120,12 @@ def get(config: Config, task_id: str, as_json: bool) -> None:
         click.echo("history")
         for item in timeline:
             progress = float(item.get("progress") or 0)
-            click.echo(f"  {item['at']}  {item.get('status', ''):10} {progress:5.1f}%  {item.get('message') or ''}")
+            extra = ""
+            if item.get("worker"):
+                extra += f"  worker={item['worker']}"
+            if item.get("error"):
+                extra += f"  error={item['error']}"
+            click.echo(f"  {item['at']}  {item.get('status', ''):10} {progress:5.1f}%  {item.get('message') or ''}{extra}")
 
 
 def _check_provider(config: Config, provider: str) -> None:
@@ -270,62 +275,142 @@ def _wait_for_end(state, provider: str, task_id: str, seconds: float) -> str | N
         time.sleep(0.02)
 
 
-@click.command()
-@connection_options(uses_database=False)
-@click.argument("task_id")
-@click.option("--wait", "wait_seconds", default=0.0, show_default=True, type=click.FloatRange(0, 86400),
-              help="Seconds to wait for the retried task to end; 0 returns at once.")
-def retry(config: Config, task_id: str, wait_seconds: float) -> None:
-    """Run a failed, timed-out or cancelled task again, keeping its history of attempts.
+RETRY_STATUSES = (TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED)
+BULK_RETRY_MAX = 10000
 
-    The task goes back to pending as a new entry of its provider's stream, behind the
-    tasks already waiting for its instance. Exit codes: 0 queued (or, with --wait,
-    completed), 1 refused, 3 with --wait: it ended other than completed, 4 with --wait:
-    still not ended.
+
+@click.command()
+@connection_options()
+@click.argument("task_ids", nargs=-1)
+@click.option("--wait", "wait_seconds", default=0.0, show_default=True, type=click.FloatRange(0, 86400),
+              help="Seconds to wait for one retried task to end; 0 returns at once.")
+@click.option("--status", "statuses", multiple=True, type=click.Choice([str(status) for status in RETRY_STATUSES]),
+              help="Bulk retry: tasks in this status (repeatable); found in SQL.")
+@click.option("--provider", help="Bulk retry: only tasks of this provider.")
+@click.option("--type", "task_type", type=click.Choice([task_type.value for task_type in TaskType]),
+              help="Bulk retry: only tasks of this type.")
+@click.option("--created-from", type=click.DateTime(), help="Bulk retry: only tasks created at or after this UTC time.")
+@click.option("--created-until", type=click.DateTime(), help="Bulk retry: only tasks created before this UTC time.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, BULK_RETRY_MAX),
+              help="Bulk retry: at most this many tasks.")
+@click.option("--dry-run", is_flag=True, help="Bulk retry: list what would be retried, change nothing.")
+def retry(config: Config, task_ids: tuple[str, ...], wait_seconds: float, statuses, provider, task_type, created_from,
+          created_until, limit, dry_run) -> None:
+    """Run failed, timed-out or cancelled tasks again, keeping their history of attempts.
+
+    Give task ids, or select tasks with --status and the other filters (bulk retry,
+    which finds them in SQL). Each task goes back to pending as a new entry of its
+    provider's stream, behind the tasks already waiting for its instance. Exit codes for
+    one id: 0 queued (or, with --wait, completed), 1 refused, 3 with --wait: it ended
+    other than completed, 4 with --wait: still not ended. A bulk retry exits 1 when any
+    task was refused.
     """
+    bulk = bool(statuses or provider or task_type or created_from or created_until)
+    if bulk and task_ids:
+        fail("give task ids or filters (--status, --provider, --type, --created-from, --created-until), not both")
+    if not bulk and not task_ids:
+        fail("give one or more task ids, or select tasks with --status (failed, timeout, cancelled) and other filters")
+    if bulk:
+        _bulk_retry(config, statuses or RETRY_STATUSES, provider, task_type, created_from, created_until, limit, dry_run)
+        return
+    if len(task_ids) > 1 or dry_run:
+        _retry_many(config, list(task_ids), dry_run)
+        return
+    task_id = task_ids[0]
     state = task_state(config)
     try:
-        provider = state.locate(task_id)
-        if provider is None:
-            fail(f"task '{task_id}' not found in Redis: check the id; only tasks whose state Redis still holds can be retried")
-        task = state.read(provider, task_id)
-        if not task:
-            fail(f"task '{task_id}' not found in Redis under provider '{provider}'; nothing was changed")
-        status = task.get("status", "")
-        if status not in (TaskStatus.FAILED, TaskStatus.TIMEOUT, TaskStatus.CANCELLED):
-            fail(f"task '{task_id}' is {status}: only failed, timeout or cancelled tasks can be retried; nothing was changed")
-        if task.get("error", "").startswith("rejected: "):
-            fail(
-                f"task '{task_id}' cannot be retried: its entry was rejected ({task['error'][len('rejected: '):]}); "
-                f"push a corrected entry with a new id"
-            )
-        hidden = _secret_fields_in(state.redactor, task.get("data") or "{}")
-        if hidden:
-            fail(
-                f"task '{task_id}' cannot be retried: its data held secret fields ({', '.join(hidden)}) whose values are "
-                f"not kept; submit a new task with the same data instead"
-            )
-        entry = {name: task.get(name, "") for name in ("id", "type", "instance", "user", "data")}
-        if task.get("timeout"):
-            entry["timeout"] = task["timeout"]
-        reply = state.retry(provider, task_id, "admin", entry)
+        provider_id, task, refusal = _retry_one(state, task_id)
     except redis.RedisError as exc:
         fail(f"retry failed: Redis at {redact_url(config.redis.url)}: {exc}")
-    if reply[0] == "refused":
-        fail(f"task '{task_id}' is {reply[1]}: only failed, timeout or cancelled tasks can be retried; nothing was changed")
-    if reply[0] != "ok":
-        fail(f"task '{task_id}' not found in Redis; nothing was changed")
-    attempts = task.get("attempts", "0")
-    click.echo(f"{task_id} queued again as entry {reply[1]} (attempts so far: {attempts})")
+    if refusal:
+        fail(refusal)
+    click.echo(f"{task_id} queued again as entry {task['new_entry']} (attempts so far: {task.get('attempts', '0')})")
     if wait_seconds <= 0:
         return
-    final = _wait_for_end(state, provider, task_id, wait_seconds)
+    final = _wait_for_end(state, provider_id, task_id, wait_seconds)
     if final is None:
         click.echo(f"{task_id} has not ended after {wait_seconds:g} s; see taskvisor get {task_id}")
         sys.exit(EXIT_STILL_CANCELLING)
     click.echo(f"{task_id} {final}")
     if final != TaskStatus.COMPLETED:
         sys.exit(EXIT_ENDED_OTHERWISE)
+
+
+def _retry_one(state, task_id: str, dry_run: bool = False) -> tuple[str, dict, str]:
+    """Retry one task; returns (provider, task fields, refusal message or '')."""
+    provider = state.locate(task_id)
+    if provider is None:
+        return "", {}, (f"task '{task_id}' not found in Redis: check the id; only tasks whose state Redis still "
+                        f"holds can be retried")
+    task = state.read(provider, task_id)
+    if not task:
+        return provider, {}, f"task '{task_id}' not found in Redis under provider '{provider}'; nothing was changed"
+    status = task.get("status", "")
+    if status not in RETRY_STATUSES:
+        return provider, task, (f"task '{task_id}' is {status}: only failed, timeout or cancelled tasks can be "
+                                f"retried; nothing was changed")
+    if task.get("error", "").startswith("rejected: "):
+        return provider, task, (f"task '{task_id}' cannot be retried: its entry was rejected "
+                                f"({task['error'][len('rejected: '):]}); push a corrected entry with a new id")
+    hidden = _secret_fields_in(state.redactor, task.get("data") or "{}")
+    if hidden:
+        return provider, task, (f"task '{task_id}' cannot be retried: its data held secret fields ({', '.join(hidden)}) "
+                                f"whose values are not kept; submit a new task with the same data instead")
+    if dry_run:
+        return provider, task, ""
+    entry = {name: task.get(name, "") for name in ("id", "type", "instance", "user", "data")}
+    if task.get("timeout"):
+        entry["timeout"] = task["timeout"]
+    reply = state.retry(provider, task_id, "admin", entry)
+    if reply[0] == "refused":
+        return provider, task, (f"task '{task_id}' is {reply[1]}: only failed, timeout or cancelled tasks can be "
+                                f"retried; nothing was changed")
+    if reply[0] != "ok":
+        return provider, task, f"task '{task_id}' not found in Redis; nothing was changed"
+    task["new_entry"] = reply[1]
+    return provider, task, ""
+
+
+def _bulk_retry(config: Config, statuses, provider, task_type, created_from, created_until, limit, dry_run) -> None:
+    if provider:
+        _check_provider(config, provider)
+    task_ids: list[str] = []
+    for status in statuses:
+        rows = store_call(
+            config,
+            lambda store, status=status: store.list_tasks(status=str(status), provider=provider, task_type=task_type,
+                                                          limit=limit, created_from=_epoch(created_from),
+                                                          created_until=_epoch(created_until)),
+        )  # fmt: skip
+        task_ids += [row["id"] for row in rows]
+    _retry_many(config, sorted(set(task_ids))[:limit], dry_run)
+
+
+def _retry_many(config: Config, task_ids: list[str], dry_run: bool) -> None:
+    """Retry each task, with a progress bar on a terminal, then print a summary line."""
+    if not task_ids:
+        click.echo("no task matches; nothing was changed")
+        return
+    state = task_state(config)
+    queued = 0
+    refusals: list[str] = []
+    label = "checking" if dry_run else "retrying"
+    try:
+        with click.progressbar(task_ids, label=label, file=sys.stderr, show_pos=True) as bar:
+            for task_id in bar:
+                _provider, _task, refusal = _retry_one(state, task_id, dry_run)
+                if refusal:
+                    refusals.append(refusal)
+                else:
+                    queued += 1
+    except redis.RedisError as exc:
+        fail(f"retry stopped after {queued} tasks: Redis at {redact_url(config.redis.url)}: {exc}")
+    for refusal in refusals:
+        click.echo(f"refused: {refusal}", err=True)
+    verb = "would be queued again" if dry_run else "queued again"
+    click.echo(f"{queued} of {len(task_ids)} tasks {verb}; {len(refusals)} refused")
+    if refusals:
+        sys.exit(1)
 
 
 def _secret_fields_in(redactor, data_text: str) -> list[str]:

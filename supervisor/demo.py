@@ -115,6 +115,9 @@ class StreamPrinter:
             pass
 
     def print_event(self, fields: dict[str, str]) -> None:
+        if fields.get("error", "").startswith("rejected: "):
+            # The task of a rejected entry: its line comes from the dead-letter stream.
+            return
         status = fields.get("status", "")
         if fields.get("id"):
             self.statuses[fields["id"]] = status
@@ -134,7 +137,7 @@ class StreamPrinter:
             entry_fields = {}
         if not isinstance(entry_fields, dict):
             entry_fields = {}
-        # A rejected entry gets no task, so the line shows the entry's own `id` field or its entry id.
+        # The line shows the entry's own `id` field, or its entry id when it had none.
         label = str(entry_fields.get("id") or f"entry {fields.get('entry', '')}")
         line = (
             f"{time.strftime('%H:%M:%S')} {provider:12} {label:28} "

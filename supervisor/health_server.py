@@ -131,6 +131,7 @@ class MonitorProcess:
         log.info("health endpoint listening url=%s pid=%d", endpoint_url(host, port), os.getpid())
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="http", daemon=True)
         thread.start()
+        self.monitor.flow.start()
 
         parent = os.getppid()
         while not self.stopping:
@@ -138,6 +139,8 @@ class MonitorProcess:
                 log.warning("supervisor is gone; monitor exits pid=%d", os.getpid())
                 break
             heartbeat.beat()
+            # Reads the reconnect counters of processes before their slots are reused.
+            self.monitor.flow.reconnects.collect()
             time.sleep(LOOP_SECONDS)
         server.shutdown()
         server.server_close()

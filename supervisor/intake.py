@@ -3,7 +3,9 @@
 Workers take entries only when they are free, so without the intake a task pushed
 while every worker is busy would have no status until a worker reached it. The
 intake follows each provider's task stream with plain XREAD (no consumer group) and
-registers each valid entry as pending. That step is idempotent, so the intake starts
+registers each valid entry as pending. On one Redis server a single blocking XREAD
+covers every stream. A Redis Cluster rejects a command over keys of several slots,
+so there each stream is read on its own. That step is idempotent, so the intake starts
 from the beginning of each stream after a restart: finished entries are deleted, and
 what is left is exactly the work still to be done. Invalid entries are left to the
 workers, which move them to the dead-letter stream.
@@ -20,7 +22,7 @@ from shared.errors import InvalidEntry
 from shared.keys import Keys
 from shared.process import stop_on_sigterm
 from shared.redaction import Redactor
-from shared.redis_client import connect
+from shared.redis_client import connect, is_cluster
 from shared.schema import TaskSpec, parse_entry
 from shared.settings import Config
 from shared.taskstate import TaskState
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 500
 READ_COUNT = 500
+# Seconds an intake on a Redis Cluster waits after a pass that found no new entry.
+CLUSTER_IDLE_SECONDS = 0.1
 
 
 class Intake:
@@ -43,6 +47,7 @@ class Intake:
     def run(self) -> int:
         stop_on_sigterm(self)
         self.client = connect(self.config.redis.url)
+        self.cluster = is_cluster(self.client)
         self.state = TaskState(
             self.client,
             self.keys,
@@ -92,8 +97,22 @@ class Intake:
             reply = self.state.cancel(provider, task_id, stored=True)
             log.info("cancel notice handled task_id=%s provider=%s reply=%s", task_id, provider, " ".join(reply))
 
+    def read_streams(self) -> list:
+        """Return the new entries of every task stream as XREAD replies: [stream, [(id, fields), ...]] items."""
+        if not self.cluster:
+            return self.client.xread(self.positions, count=READ_COUNT, block=READ_BLOCK_MS) or []
+        # One blocking read per stream would wait for each stream in turn, so these reads
+        # do not block. The pipeline sends them in one round trip per cluster node.
+        pipe = self.client.pipeline(transaction=False)
+        for stream, position in self.positions.items():
+            pipe.xread({stream: position}, count=READ_COUNT)
+        reply = [item for result in pipe.execute() for item in result or []]
+        if not reply:
+            time.sleep(CLUSTER_IDLE_SECONDS)
+        return reply
+
     def pass_once(self) -> None:
-        reply = self.client.xread(self.positions, count=READ_COUNT, block=READ_BLOCK_MS)
+        reply = self.read_streams()
         if not reply:
             return
         valid: list[tuple[TaskSpec, float]] = []
@@ -114,18 +133,31 @@ class Intake:
 
         # A duplicate id is left to the workers, which move its entry to the dead-letter stream.
         claimed = self.state.claim_ids([spec for spec, _timeout in valid])
-        pipe = self.client.pipeline(transaction=False)
-        admitted: list[tuple[str, str]] = []
-        for (spec, timeout), ok in zip(valid, claimed, strict=True):
-            if ok:
-                self.state.admit(spec, timeout, pipe=pipe)
-                admitted.append((spec.provider, spec.id))
+        admitted = [(spec, timeout) for (spec, timeout), ok in zip(valid, claimed, strict=True) if ok]
         if not admitted:
             return
-        for (provider, task_id), status in zip(admitted, pipe.execute(), strict=True):
+        try:
+            statuses = self.admit_all(admitted)
+        except redis.exceptions.NoScriptError:
+            if not self.cluster:
+                raise
+            # A cluster pipeline does not load scripts, and a node that became a master or
+            # restarted since the last load lacks them. Admitting a task twice changes nothing.
+            for script in self.state.scripts.values():
+                self.client.script_load(script.script)
+            statuses = self.admit_all(admitted)
+        for (spec, _timeout), status in zip(admitted, statuses, strict=True):
+            provider, task_id = spec.provider, spec.id
             if status in (b"cancel_requested", "cancel_requested"):
                 reply = self.state.cancel(provider, task_id, stored=True)
                 log.info("stored cancel request applied task_id=%s provider=%s reply=%s", task_id, provider, reply[0])
+
+    def admit_all(self, admitted: list[tuple[TaskSpec, float]]) -> list:
+        """Register the tasks as pending in one pipeline and return the admit script's replies."""
+        pipe = self.client.pipeline(transaction=False)
+        for spec, timeout in admitted:
+            self.state.admit(spec, timeout, pipe=pipe)
+        return pipe.execute()
 
 
 def intake_main(config: Config) -> int:

@@ -76,8 +76,9 @@ class Supervisor:
     def prepare(self) -> None:
         """Check Redis and the database, create the schema and the consumer groups."""
         config = self.config
-        self.client = connect(config.redis.url)
         try:
+            # A cluster client reads the slot map when it is created, so connect() may raise too.
+            self.client = connect(config.redis.url)
             self.client.ping()
         except redis.RedisError as exc:
             raise TaskvisorError(
@@ -139,6 +140,8 @@ class Supervisor:
             self.handle_signals()
             self.reap_children()
             self.children.kill_orphans()
+            # Workers that kill_orphans reaped get their leases released now, not a tick later.
+            self.reap_children()
             self.apply_config_changes()
             self.publish_status()
         self.shutdown()
@@ -197,7 +200,8 @@ class Supervisor:
             self.children.fork(key, lambda: mirror_main(self.config), "mirror")
 
     def reap_children(self) -> None:
-        ended = self.children.reap()
+        self.children.reap()
+        ended = self.children.take_exited()
         owners = [
             f"{consumer_name(self.config.supervisor.name, child.provider, child.slot)}:{child.pid}"
             for child in ended

@@ -1,8 +1,10 @@
 """The mirror process: copies every task state change from Redis into the SQL store.
 
 It reads all providers' event streams through the `mirror` consumer group, in
-batches. Within a batch only the newest state of each task and of each instance is
-written, in one transaction, and the events are acknowledged only after the commit.
+batches: with one XREADGROUP on one Redis server, and with one per stream on a Redis
+Cluster, which rejects a command over keys of several slots. Within a batch only the
+newest state of each task and of each instance is written, in one transaction, and
+the events are acknowledged only after the commit.
 Writes are versioned, so an event replayed after a crash never moves a row back.
 While the database is unreachable the events wait in Redis and the mirror retries.
 """
@@ -17,7 +19,7 @@ from shared import heartbeat
 from shared.errors import StoreError
 from shared.keys import MIRROR_GROUP, Keys
 from shared.process import stop_on_sigterm
-from shared.redis_client import connect, ensure_group
+from shared.redis_client import connect, ensure_group, is_cluster
 from shared.settings import Config
 from shared.store import Store, open_store
 from shared.store.records import InstanceRecord, TaskRecord
@@ -29,6 +31,8 @@ READ_BLOCK_MS = 200
 # Seconds between two looks for event streams of providers the config does not list.
 STREAM_REFRESH_SECONDS = 5.0
 IDLE_SLEEP_SECONDS = 0.2
+# Seconds a mirror on a Redis Cluster waits after a pass that found no new event.
+CLUSTER_IDLE_SECONDS = 0.1
 # Seconds between two trims of the event streams.
 TRIM_INTERVAL_SECONDS = 10.0
 
@@ -104,6 +108,7 @@ class Mirror:
     def run(self) -> int:
         stop_on_sigterm(self)
         self.client = connect(self.config.redis.url)
+        self.cluster = is_cluster(self.client)
         # Opened in the loop, so that a database that is down at start is retried like a failed write.
         self.store: Store | None = None
         log.info("mirror started streams=%d pid=%d", len(self.streams), os.getpid())
@@ -201,9 +206,7 @@ class Mirror:
         """Mirror one batch; returns the number of events handled."""
         start = "0" if own_pending else ">"
         block = None if own_pending or self.stopping else READ_BLOCK_MS
-        reply = self.client.xreadgroup(
-            MIRROR_GROUP, self.consumer, {stream: start for stream in self.streams}, count=READ_COUNT, block=block
-        )
+        reply = self.read_streams(start, block)
         events: list[tuple[str, dict]] = []
         acks: dict[str, list[str]] = {}
         for stream_name, items in reply or []:
@@ -224,6 +227,22 @@ class Mirror:
         pipe.execute()
         self.written += len(tasks)
         return sum(len(ids) for ids in acks.values())
+
+    def read_streams(self, start: str, block: int | None) -> list:
+        """Read from every event stream from `start` ("0": own pending, ">": new) as XREADGROUP replies."""
+        if not self.cluster:
+            return self.client.xreadgroup(
+                MIRROR_GROUP, self.consumer, {stream: start for stream in self.streams}, count=READ_COUNT, block=block
+            ) or []
+        # One blocking read per stream would wait for each stream in turn, so these reads
+        # do not block. The pipeline sends them in one round trip per cluster node.
+        pipe = self.client.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xreadgroup(MIRROR_GROUP, self.consumer, {stream: start}, count=READ_COUNT)
+        reply = [item for result in pipe.execute() for item in result or []]
+        if not reply and block:
+            time.sleep(CLUSTER_IDLE_SECONDS)
+        return reply
 
     def trim_streams(self) -> int:
         """Trim events that every consumer group has handled and that are older than the retention.

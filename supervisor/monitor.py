@@ -39,8 +39,11 @@ from shared.heartbeat import (
 )
 from shared.keys import Keys
 from shared.redaction import redact_url
+from shared.redis_client import connect
 from shared.settings import Config
 from shared.store import Store, open_store
+from supervisor.children import RECYCLE_REASONS
+from supervisor.metrics import FlowMetrics
 from supervisor.prometheus import MetricsWriter
 from supervisor.status import STATUS_TTL_MS, status_key
 from worker.main import consumer_name
@@ -77,10 +80,8 @@ class Monitor:
         self.table = table
         self.timeout = config.health.heartbeat_timeout
         self.keys = Keys(config.redis.prefix)
-        self.redis = redis.Redis.from_url(
-            config.redis.url,
-            socket_connect_timeout=REDIS_CHECK_TIMEOUT_SECONDS,
-            socket_timeout=REDIS_CHECK_TIMEOUT_SECONDS,
+        self.redis = connect(
+            config.redis.url, socket_timeout=REDIS_CHECK_TIMEOUT_SECONDS, connect_timeout=REDIS_CHECK_TIMEOUT_SECONDS
         )
         self.store: Store | None = None
         self.store_lock = threading.Lock()
@@ -91,6 +92,7 @@ class Monitor:
         self.last_ready: bool | None = None
         # Warning text -> time.monotonic() when it was last logged.
         self.warned_at: dict[str, float] = {}
+        self.flow = FlowMetrics(config, table)
 
     def warn_limited(self, what: str, error: Exception) -> None:
         """Log a warning about `what`, at most once per WARNING_INTERVAL_SECONDS."""
@@ -342,7 +344,10 @@ class Monitor:
             if slot.state != EXITED or slot.flags & FLAG_EXIT_REQUESTED or slot.role not in CHECKED_ROLES:
                 continue
             ago = now - slot.ended
-            abnormal = os.WIFSIGNALED(slot.wait_status) or os.WEXITSTATUS(slot.wait_status) != 0
+            code = os.WEXITSTATUS(slot.wait_status)
+            # A worker that recycled itself after a task exits with one of RECYCLE_REASONS' codes.
+            recycled = slot.role == "worker" and code in RECYCLE_REASONS
+            abnormal = os.WIFSIGNALED(slot.wait_status) or (code != 0 and not recycled)
             if abnormal and ago <= self.timeout:
                 reasons.append(f"{slot.describe()} {heartbeat.describe_exit(slot.wait_status)} {ago:.1f} s ago")
         return reasons
@@ -389,7 +394,7 @@ class Monitor:
                 "role": slot.role,
                 "provider": slot.provider or None,
                 "slot": slot.worker_slot if slot.role == "worker" else None,
-                "exit": heartbeat.describe_exit(slot.wait_status),
+                "exit": describe_exit(slot),
                 "requested": bool(slot.flags & FLAG_EXIT_REQUESTED),
                 "seconds_ago": round(now - slot.ended, 3),
             }
@@ -450,6 +455,9 @@ class Monitor:
             if usage["cpu_seconds"] is not None:
                 out.sample("taskvisor_process_cpu_seconds_total", _process_labels(slot), usage["cpu_seconds"])
 
+        # After a failed read above, the Redis gauges are left out instead of waiting again.
+        if not self.flow.write(out, self.redis if redis_up else None):
+            redis_up = 0
         out.family("taskvisor_source_up", "gauge", "1 when the source answered while these metrics were collected, else 0.")
         out.sample("taskvisor_source_up", {"source": "database"}, store_up)
         out.sample("taskvisor_source_up", {"source": "redis"}, redis_up)
@@ -476,4 +484,9 @@ def _process_labels(slot: Slot) -> dict[str, str]:
     return {"role": slot.role, "provider": slot.provider, "pid": str(slot.pid)}
 
 
-# -- Prometheus text format -----------------------------------------------------------------
+def describe_exit(slot: Slot) -> str:
+    """Describe how the process in an exit record ended, naming the limit of a recycled worker."""
+    status = slot.wait_status
+    if slot.role == "worker" and os.WIFEXITED(status) and os.WEXITSTATUS(status) in RECYCLE_REASONS:
+        return f"recycled after reaching its {RECYCLE_REASONS[os.WEXITSTATUS(status)]} limit"
+    return heartbeat.describe_exit(status)

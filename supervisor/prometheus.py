@@ -36,8 +36,20 @@ class MetricsWriter:
         else:
             self.lines.append(f"{name} {format_sample_value(value)}")
 
+    def histogram(
+        self, name: str, labels: dict[str, str], bounds: tuple[float, ...], counts: list[int], total: float
+    ) -> None:
+        """Write one histogram series: cumulative `_bucket` lines up to `le="+Inf"`, `_sum` and `_count`.
+
+        `counts[i]` is the number of observations in bucket i alone: at most `bounds[i]`
+        and above the bound before it. The last item counts those above every bound.
+        """
+        running = 0
+        for bound, count in zip((*bounds, math.inf), counts, strict=True):
+            running += count
+            self.sample(f"{name}_bucket", {**labels, "le": format_sample_value(float(bound))}, running)
+        self.sample(f"{name}_sum", labels, float(total))
+        self.sample(f"{name}_count", labels, running)
+
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
-
-
-# -- HTTP --------------------------------------------------------------------------------

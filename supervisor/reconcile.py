@@ -9,7 +9,9 @@ runs one pass per provider. A pass:
 - hands the entries of consumer names that no worker will use again to a live worker;
 - ends tasks still running long past their timeout, and stops their worker;
 - sets instances left in a transitional status (creating, starting, ...) with no
-  unfinished task to `error`.
+  unfinished task to `error`;
+- with `supervisor.retention` set, deletes finished tasks that ended longer ago than
+  that, a bounded batch per pass (see supervisor/retention.py).
 
 Each step is one Lua script per task or instance, so a pass that races with a worker
 changes nothing the worker owns.
@@ -29,6 +31,7 @@ from shared.settings import Config
 from shared.states import TRANSITIONAL_INSTANCE_STATUSES
 from shared.taskstate import TaskState
 from supervisor.recovery import reassign_orphans
+from supervisor.retention import RetentionPurge
 from supervisor.status import read_statuses
 from worker.main import consumer_name
 
@@ -89,6 +92,7 @@ class Reconciler:
         self.keys = state.keys
         self.next_pass: dict[str, float] = {}
         self.next_unknown_check = time.monotonic() + UNKNOWN_CHECK_SECONDS
+        self.retention = RetentionPurge(config, state.client, self.keys) if config.supervisor.retention > 0 else None
 
     def run_due(self, providers: dict) -> None:
         """Run a pass for each provider whose interval has passed."""
@@ -124,6 +128,7 @@ class Reconciler:
             "claimed": 0,
             "expired": self.expire_overdue(provider, settings),
             "repaired": self.repair_instances(provider),
+            "purged": self.retention.run() if self.retention is not None else 0,
         }
         if settings.group_size > 0:
             counts["claimed"] = self.state.claim_abandoned(

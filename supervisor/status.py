@@ -11,6 +11,7 @@ import orjson
 import redis
 
 from shared.keys import Keys
+from shared.redis_client import is_cluster
 from shared.settings import Config
 from supervisor.children import Children
 
@@ -63,4 +64,6 @@ def read_statuses(client: redis.Redis, keys: Keys) -> list[dict]:
     names = list(client.scan_iter(match=f"{keys.prefix}:supervisor:*", count=100))
     if not names:
         return []
-    return [orjson.loads(value) for value in client.mget(names) if value]
+    # The status keys have no hash tag, so on a cluster they lie in different slots.
+    values = client.mget_nonatomic(names) if is_cluster(client) else client.mget(names)
+    return [orjson.loads(value) for value in values if value]

@@ -121,7 +121,10 @@ def test_redact_url_hides_password():
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
-REDIS_URL_RULE = "expected a URL that starts with redis://, rediss:// or unix://, such as redis://127.0.0.1:6379/0"
+REDIS_URL_RULE = (
+    "expected a URL that starts with redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://,"
+    " such as redis://127.0.0.1:6379/0 (see the redis section of docs/configuration.md)"
+)
 
 
 @pytest.mark.parametrize(

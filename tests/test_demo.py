@@ -76,7 +76,8 @@ def test_demo_runs_batch_and_stops(tmp_path, embedded_redis_binary):
     process = start_demo(data_dir, embedded_redis_binary, 11, "0.05")
     try:
         db_path = data_dir / "taskvisor.db"
-        rows = wait_for(lambda: len(terminal_rows(db_path)) == 10 and terminal_rows(db_path), 60, "10 finished demo tasks")
+        # The rejected entry is recorded as a failed task too.
+        rows = wait_for(lambda: len(terminal_rows(db_path)) == 11 and terminal_rows(db_path), 60, "11 finished demo tasks")
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=60)
     finally:
@@ -86,11 +87,13 @@ def test_demo_runs_batch_and_stops(tmp_path, embedded_redis_binary):
     by_status: dict[str, int] = {}
     for row in rows:
         by_status[row["status"]] = by_status.get(row["status"], 0) + 1
-    assert by_status == {"completed": 9, "failed": 1}
-    assert len(task_rows(db_path)) == 10
-    failed = next(row for row in rows if row["status"] == "failed")
+    assert by_status == {"completed": 9, "failed": 2}
+    assert len(task_rows(db_path)) == 11
+    failed = next(row for row in rows if row["status"] == "failed" and row["task_type"] != "reboot")
     assert failed["instance_id"] == "vm-broken-7"
     assert "disk image not found" in failed["error_message"]
+    rejected_row = next(row for row in rows if row["task_type"] == "reboot")
+    assert rejected_row["error_message"].startswith("rejected: field 'type' has unknown value 'reboot'")
     assert "Demo-Secret-42" not in sqlite3.connect(db_path).execute("SELECT group_concat(task_data) FROM taskvisor_tasks").fetchone()[0]
     assert "completed" in output
     rejected = stream_lines(output, "rejected")

@@ -3,6 +3,7 @@
 import http.client
 import json
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -35,7 +36,9 @@ STUBBORN_COMMAND = ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"]
 @pytest.fixture(scope="session")
 def podman(tmp_path_factory):
     require_tools()
-    engine = PodmanEngine(tmp_path_factory.mktemp("podman"))
+    # Podman refuses a --runroot longer than 50 characters, which pytest's temporary
+    # folders can exceed (under pytest-xdist), so the engine gets a short folder of its own.
+    engine = PodmanEngine(Path(tempfile.mkdtemp(prefix="tv-podman-", dir="/tmp")))
     try:
         engine.start()
         yield engine

@@ -263,7 +263,8 @@ def parse_labels(text: str) -> dict[str, str]:
 def parse_prometheus(text: str) -> dict[str, dict]:
     """Parse the text format 0.0.4 strictly: every sample needs an earlier HELP and TYPE line.
 
-    Returns name -> {"help", "type", "samples": {sorted label pairs: value}}.
+    Returns name -> {"help", "type", "samples": {sorted label pairs: value}}. The label
+    pairs of a histogram's samples start with ("__name__", the sample's name).
     """
     assert text.endswith("\n"), "the text must end with a newline"
     families: dict[str, dict] = {}
@@ -287,10 +288,15 @@ def parse_prometheus(text: str) -> dict[str, dict]:
             assert match, f"line {number}: not a sample line: {line!r}"
             name, label_text, value_text = match.groups()
             family = families.get(name)
+            labels = tuple(sorted(parse_labels(label_text or "").items()))
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            if family is None and families.get(base, {}).get("type") == "histogram":
+                # The series of a histogram family x are x_bucket, x_sum and x_count.
+                family = families[base]
+                labels = (("__name__", name), *labels)
             assert family is not None, f"line {number}: {name} has no HELP or TYPE line"
             assert "help" in family, f"line {number}: {name} has no HELP line before its samples"
             assert "type" in family, f"line {number}: {name} has no TYPE line before its samples"
-            labels = tuple(sorted(parse_labels(label_text or "").items()))
             assert labels not in family["samples"], f"line {number}: repeated series {name}{labels}"
             family["samples"][labels] = parse_sample_value(value_text)
     return families

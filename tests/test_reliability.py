@@ -7,6 +7,7 @@ import time
 import orjson
 import psutil
 
+from shared.errors import StoreError
 from shared.keys import Keys
 from shared.redaction import Redactor
 from shared.settings import load_config
@@ -486,3 +487,67 @@ def test_unknown_provider_entries_rejected(tmp_path, redis_server):
     # A young entry may still get its provider, and a provider added in Redis is known.
     assert client.xlen("taskvisor:{ghost}:tasks") == 1
     assert client.xlen("taskvisor:{added}:tasks") == 1
+
+
+def test_workers_killed_together_all_rerun(tmp_path, redis_server, start_supervisor):
+    runs = tmp_path / "runs.log"
+    script = write_script(tmp_path / "op.sh", f'cat >/dev/null\necho "$3" >> {runs}\n'
+                                              f'[ "$(grep -c "$3" {runs})" = 1 ] && exec sleep 60\necho "{{}}"\n')
+    start_supervisor({"p": command_provider(script, concurrent=3)}, leaseSeconds=60)
+    client = redis_server.client()
+    ids = ["k-1", "k-2", "k-3"]
+    for task_id in ids:
+        client.xadd(STREAM, {"id": task_id, "type": "restart", "instance": task_id, "user": "u"})
+    wait_for(lambda: sorted(lines(runs)) == ids, 10, "three runs")
+    pids = [running_worker_pid(client, task_id) for task_id in ids]
+    killed_at = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+        # Deaths a few milliseconds apart: a later one can be reaped while the supervisor
+        # cleans up after an earlier one.
+        time.sleep(0.005)
+
+    wait_for(lambda: all(task_hash(client, "p", t).get("status") == "completed" for t in ids), 15, "every task")
+    # With leases of 60 s, only the supervisor releasing every dead worker's lease explains this.
+    assert time.monotonic() - killed_at < 10
+    assert [task_hash(client, "p", t)["attempts"] for t in ids] == ["2", "2", "2"]
+
+
+def test_bulk_retry_by_status(tmp_path, redis_server, start_supervisor, sqlite_url):
+    marker = tmp_path / "fixed"
+    script = write_script(tmp_path / "op.sh", f'cat >/dev/null\n[ "$3" = ok ] || [ -e {marker} ] || exit 1\necho "{{}}"\n')
+    supervisor = start_supervisor({"p": command_provider(script, concurrent=2)})
+    client = redis_server.client()
+    ids = [f"b-{index}" for index in range(3)]
+    for task_id in ids + ["ok"]:
+        client.xadd(STREAM, {"id": task_id, "type": "start", "instance": task_id, "user": "u"})
+    from shared.store import open_store
+
+    def failed_in_sql() -> bool:
+        store = open_store(sqlite_url)
+        try:
+            return all((store.get_task(t) or {}).get("status") == "failed" for t in ids)
+        except StoreError:
+            return False  # the supervisor has not created the tables yet
+        finally:
+            store.close()
+
+    wait_for(failed_in_sql, 15, "three failed tasks in SQL")
+    dry = cli(supervisor.config_path, "retry", "--status", "failed", "--provider", "p", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.strip() == "3 of 3 tasks would be queued again; 0 refused"
+    assert task_hash(client, "p", "b-0")["status"] == "failed"
+
+    marker.touch()
+    bulk = cli(supervisor.config_path, "retry", "--status", "failed", "--provider", "p")
+    assert bulk.returncode == 0, bulk.stderr
+    assert bulk.stdout.strip() == "3 of 3 tasks queued again; 0 refused"
+    wait_for(lambda: all(task_hash(client, "p", t).get("status") == "completed" for t in ids), 15, "the retried tasks")
+
+    mixed = cli(supervisor.config_path, "retry", "ok", "nope")
+    assert mixed.returncode == 1
+    assert mixed.stdout.strip() == "0 of 2 tasks queued again; 2 refused"
+    assert "refused: task 'ok' is completed" in mixed.stderr
+    both = cli(supervisor.config_path, "retry", "b-0", "--status", "failed")
+    assert both.returncode == 1
+    assert "give task ids or filters" in both.stderr

@@ -18,6 +18,7 @@ import threading
 import time
 
 import orjson
+import psutil
 import redis
 
 from shared import heartbeat
@@ -41,6 +42,10 @@ EXIT_OK = 0
 EXIT_BOOT_FAILURE = 3
 # A driver ignored a stop request; the process exits so that its thread dies with it.
 EXIT_DRIVER_STUCK = 4
+# After a task, the worker reached its provider's maxTasksPerWorker or maxWorkerMemoryMB
+# and exited; the supervisor replaces it at once.
+EXIT_RECYCLE_TASKS = 5
+EXIT_RECYCLE_MEMORY = 6
 
 # Seconds between looks at entries already delivered to this consumer.
 OWN_ENTRIES_INTERVAL = 1.0
@@ -78,6 +83,10 @@ class Worker:
         self.tasks_done = 0
         # Until this monotonic time the provider was last seen at its concurrency limit.
         self.full_until = 0.0
+        # Recycling limits, 0 for none: tasks done, and resident memory in bytes.
+        self.max_tasks = self.settings.max_tasks_per_worker
+        self.max_rss_bytes = self.settings.max_worker_memory_mb * 1024 * 1024
+        self.process_handle = psutil.Process()
 
     def make_state(self, client: redis.Redis) -> TaskState:
         redis_settings = self.config.redis
@@ -141,8 +150,13 @@ class Worker:
         next_retry_check = 0.0
         next_abandoned_check = time.monotonic() + self.config.supervisor.lease_seconds / 2
         backoff = 0.5
+        checked_tasks = 0
         while not self.stopping:
             heartbeat.note_loop()
+            if self.tasks_done != checked_tasks:
+                checked_tasks = self.tasks_done
+                if code := self.recycle_code():
+                    return code
             if os.getppid() != self.parent_pid:
                 log.warning("supervisor is gone; worker exits provider=%s pid=%d", self.provider, os.getpid())
                 break
@@ -158,6 +172,8 @@ class Worker:
                     for entry_id, fields in self.read_own_entries():
                         if self.stopping or self.run_entry(entry_id, fields) == EXIT_DRIVER_STUCK:
                             return EXIT_OK if self.stopping else EXIT_DRIVER_STUCK
+                        if code := self.recycle_code():
+                            return code
                 if time.monotonic() >= next_retry_check:
                     next_retry_check = time.monotonic() + RETRY_CHECK_INTERVAL
                     due = self.state.take_due_retry(self.provider, self.consumer)
@@ -189,6 +205,32 @@ class Worker:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         return EXIT_OK
+
+    def recycle_code(self) -> int:
+        """Return the exit code that recycles this worker when it reached a limit, else 0.
+
+        Called between tasks only, so a recycled worker leaves no task behind. Entries
+        already delivered to its consumer name go to its replacement, which has the same name.
+        A worker that has run no task never recycles, so a memory limit below a fresh
+        worker's size cannot make the supervisor replace workers in a loop.
+        """
+        if self.tasks_done == 0:
+            return 0
+        if self.max_tasks and self.tasks_done >= self.max_tasks:
+            log.info(
+                "worker recycling provider=%s pid=%d reason=maxTasksPerWorker tasks_done=%d limit=%d",
+                self.provider, os.getpid(), self.tasks_done, self.max_tasks,
+            )  # fmt: skip
+            return EXIT_RECYCLE_TASKS
+        if self.max_rss_bytes:
+            rss = self.process_handle.memory_info().rss
+            if rss > self.max_rss_bytes:
+                log.info(
+                    "worker recycling provider=%s pid=%d reason=maxWorkerMemoryMB rss_mb=%.0f limit_mb=%d tasks_done=%d",
+                    self.provider, os.getpid(), rss / 1048576, self.max_rss_bytes // 1048576, self.tasks_done,
+                )  # fmt: skip
+                return EXIT_RECYCLE_MEMORY
+        return 0
 
     def read_own_entries(self) -> list[tuple[str, dict | None]]:
         """Return the entries already delivered to this consumer and not yet finished."""
@@ -288,7 +330,6 @@ class Worker:
         if action == "probe" and not self.driver.has_probe(str(task_type)):
             action = "fail"
         return action
-
 
     def execute(self, spec: TaskSpec, timeout: float, started: StartResult) -> tuple[int, tuple[str, dict] | None]:
         log.info(

@@ -16,18 +16,21 @@ if #ARGV <= 6 then
   return 1
 end
 local status = redis.call('HGET', KEYS[4], 'status')
+local t = now()
 if not status then
-  create_pending(KEYS[4], KEYS[5], ARGV[6], 7)
-  status = 'pending'
-elseif redis.call('HGET', KEYS[4], 'entry') ~= ARGV[3] then
+  -- A new task is created as failed in one step, with one event.
+  local fields = {}
+  for i = 7, #ARGV do
+    fields[#fields + 1] = ARGV[i]
+  end
+  redis.call('HSET', KEYS[4], 'progress', '0', 'result', '', 'attempts', '0', 'owner', '', 'version', '1',
+    'created_at', t, 'started_at', '', unpack(fields))
+elseif redis.call('HGET', KEYS[4], 'entry') ~= ARGV[3] or TERMINAL[status] then
   return 1
-end
-if not TERMINAL[status] then
-  local t = now()
-  redis.call('HSET', KEYS[4], 'status', 'failed', 'error', 'rejected: ' .. ARGV[4],
-    'message', 'rejected; the entry is in the dead-letter stream', 'completed_at', t, 'updated_at', t)
+else
   redis.call('HINCRBY', KEYS[4], 'version', 1)
-  emit(KEYS[4], KEYS[5], ARGV[6], nil, false)
-  return 2
 end
-return 1
+redis.call('HSET', KEYS[4], 'status', 'failed', 'error', 'rejected: ' .. ARGV[4],
+  'message', 'rejected; the entry is in the dead-letter stream', 'completed_at', t, 'updated_at', t)
+emit(KEYS[4], KEYS[5], ARGV[6], nil, false)
+return 2

@@ -225,6 +225,10 @@ class Store(ABC):
     def _select(self, sql: str, parameters: tuple | list) -> list[dict[str, Any]]:
         """Run one SELECT and return its rows as dicts keyed by column name."""
 
+    @abstractmethod
+    def _execute(self, sql: str, parameters: tuple | list) -> int:
+        """Run one data-changing statement in its own transaction and return the rows it changed."""
+
     def get_task(self, task_id: str) -> dict[str, Any] | None:
         """Return the task row with every column, times as epoch seconds, or None if it is missing."""
         sql = f"SELECT {', '.join(TASK_COLUMNS)} FROM taskvisor_tasks WHERE id = {self.placeholder}"
@@ -365,6 +369,46 @@ class Store(ABC):
         counts = {row["status"]: int(row["task_count"]) for row in rows}
         errors = counts.get(TaskStatus.FAILED.value, 0) + counts.get(TaskStatus.TIMEOUT.value, 0)
         return errors, sum(counts.values())
+
+    def _finished_before(self, before: float) -> tuple[str, list[Any]]:
+        """Return the WHERE condition and parameters that select tasks that ended before `before`.
+
+        created_at < before is implied by the end time, because a task ends after it is
+        created, and lets the (status, created_at, id) index narrow the scan.
+        """
+        marker = self.placeholder
+        final = sorted(status.value for status in TERMINAL_STATUSES)
+        cutoff = time_parameter("before", before)
+        condition = (
+            f"status IN ({', '.join(marker for _ in final)}) AND created_at < {marker}"
+            f" AND COALESCE(completed_at, updated_at) < {marker}"
+        )
+        return condition, [*final, cutoff, cutoff]
+
+    def count_finished_before(self, before: float) -> int:
+        """Return the number of tasks in a final status whose completed_at is before `before` (epoch seconds)."""
+        condition, parameters = self._finished_before(before)
+        rows = self._select(f"SELECT COUNT(*) AS task_count FROM taskvisor_tasks WHERE {condition}", parameters)
+        return int(rows[0]["task_count"])
+
+    def delete_finished_before(self, before: float, limit: int) -> int:
+        """Delete up to `limit` tasks in a final status that ended before `before`; returns how many.
+
+        The ids are selected first and the delete checks the condition again, so a row
+        that the mirror moved out of its final status meanwhile (a `taskvisor retry`) stays.
+        Instance rows are kept: they hold the instances' current status.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        condition, parameters = self._finished_before(before)
+        select = f"SELECT id FROM taskvisor_tasks WHERE {condition} LIMIT {self.placeholder}"
+        rows = self._select(select, [*parameters, int(limit)])
+        if not rows:
+            return 0
+        ids = [row["id"] for row in rows]
+        marker = self.placeholder
+        sql = f"DELETE FROM taskvisor_tasks WHERE id IN ({', '.join(marker for _ in ids)}) AND {condition}"
+        return self._execute(sql, [*ids, *parameters])
 
     def _versions_to_apply(self, stored_version: int) -> range:
         """Return the schema versions to apply after `stored_version` (0 for an empty database)."""

@@ -256,11 +256,27 @@ class MysqlStore(Store):
         with self._lock:
             return self._run("reading", select)
 
+    def _execute(self, sql: str, parameters: tuple | list) -> int:
+        def execute(connection: Connection) -> int:
+            # The connection is in autocommit mode, so the statement is its own transaction.
+            with connection.cursor() as cursor:
+                return cursor.execute(sql, parameters)
+
+        with self._lock:
+            return self._run("writing", execute)
+
     def _connect(self) -> Connection:
         try:
             return pymysql.connect(**self._connect_arguments)
         except pymysql.MySQLError as exc:
             raise StoreError(f"cannot connect to {self.display_url}: {self._describe(exc)}") from exc
+        except RuntimeError as exc:
+            # PyMySQL raises RuntimeError when a login method needs a package it lacks,
+            # such as cryptography for caching_sha2_password.
+            raise StoreError(
+                f"cannot connect to {self.display_url}: {exc}; reinstall taskvisor so that PyMySQL's rsa extra "
+                f"(cryptography) is installed"
+            ) from exc
 
     def _describe(self, exc: pymysql.MySQLError) -> str:
         """Describe a driver error and, when the server was not reachable, what to check."""

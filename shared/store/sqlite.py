@@ -213,6 +213,16 @@ class SqliteStore(Store):
                 raise StoreError(f"reading SQLite database {self.path} failed: {exc}{hint}") from exc
         return [dict(row) for row in rows]
 
+    def _execute(self, sql: str, parameters: tuple | list) -> int:
+        with self._lock:
+            connection = self._current_connection()
+            try:
+                # Autocommit mode: the statement is its own transaction.
+                return connection.execute(sql, parameters).rowcount
+            except sqlite3.Error as exc:
+                hint = MISSING_SCHEMA_HINT if "no such table" in str(exc) else ""
+                raise StoreError(f"writing to SQLite database {self.path} failed: {exc}{hint}") from exc
+
     def _current_connection(self) -> sqlite3.Connection:
         if self._connection is None:
             raise StoreError(f"the store for {self.display_url} is closed")
