@@ -171,6 +171,8 @@ class HealthConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True, f
     allow_non_loopback: bool = False
     # seconds without a heartbeat after which a process counts as stalled; processes beat every second
     heartbeat_timeout: Annotated[float, msgspec.Meta(ge=2, le=3600)] = 5.0
+    # seconds the oldest state change not yet written to SQL may wait before /readyz fails
+    mirror_lag_limit: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 30.0
 
 
 class Config(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):

@@ -37,7 +37,7 @@ from shared.heartbeat import (
     HeartbeatTable,
     Slot,
 )
-from shared.keys import Keys
+from shared.keys import MIRROR_GROUP, Keys
 from shared.redaction import redact_url
 from shared.redis_client import connect
 from shared.settings import Config
@@ -300,6 +300,8 @@ class Monitor:
             if target_problem:
                 reasons.append(target_problem)
 
+        if not redis_problem:
+            reasons += self.mirror_lag_reasons(list(targets))
         reasons += self.child_reasons(slots, targets, now)
         ready = not reasons
         if ready != self.last_ready:
@@ -311,6 +313,46 @@ class Monitor:
             else:
                 log.log(level, "not ready: %s", "; ".join(reasons))
         return (503 if reasons else 200), {"ready": ready, "reasons": reasons}
+
+    def mirror_lag_reasons(self, providers: list[str]) -> list[str]:
+        """Return a reason for each provider whose oldest unwritten state change is older than the limit.
+
+        The age is that of the oldest event the mirror group has not acknowledged: its
+        oldest pending entry, or else the first entry it has not read.
+        """
+        limit = self.config.health.mirror_lag_limit
+        reasons = []
+        try:
+            now_ms = int(self.redis.time()[0]) * 1000
+            for provider in providers:
+                stream = self.keys.events(provider)
+                oldest = self._oldest_unwritten(stream)
+                if oldest is None:
+                    continue
+                age = (now_ms - int(oldest.partition("-")[0])) / 1000
+                if age > limit:
+                    reasons.append(
+                        f"the SQL mirror is {age:.0f} s behind on provider {provider} (limit {limit:g} s, "
+                        f"health.mirrorLagLimit): check the database and the mirror's log"
+                    )
+        except redis.RedisError as exc:
+            self.warn_limited("mirror lag not read", exc)
+        return reasons
+
+    def _oldest_unwritten(self, stream: str) -> str | None:
+        """Return the id of the oldest event of `stream` that the mirror has not acknowledged."""
+        try:
+            groups = {_text(group["name"]): group for group in self.redis.xinfo_groups(stream)}
+        except redis.ResponseError:
+            return None
+        group = groups.get(MIRROR_GROUP)
+        if group is None:
+            return None
+        if group.get("pending"):
+            return _text(self.redis.xpending(stream, MIRROR_GROUP).get("min") or "") or None
+        last = _text(group.get("last-delivered-id") or "0-0")
+        unread = self.redis.xrange(stream, min=f"({last}", count=1)
+        return _text(unread[0][0]) if unread else None
 
     def fallback_targets(self) -> dict[str, int]:
         return {provider: settings.group_size for provider, settings in self.config.providers.items()}
@@ -490,3 +532,7 @@ def describe_exit(slot: Slot) -> str:
     if slot.role == "worker" and os.WIFEXITED(status) and os.WEXITSTATUS(status) in RECYCLE_REASONS:
         return f"recycled after reaching its {RECYCLE_REASONS[os.WEXITSTATUS(status)]} limit"
     return heartbeat.describe_exit(status)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -499,3 +499,22 @@ def test_heartbeat_table_keeps_exit_records():
     table.set_pid(third, 1003)
     assert table.read_slot(third).pid == 1003
     assert table.assign("worker", "p", 2) == -1
+
+
+def test_readyz_reports_mirror_lag(start_supervisor, script, redis_server):
+    supervisor = start_supervisor({"p": command_provider(script, concurrent=2)},
+                                  health={"heartbeatTimeout": 30, "mirrorLagLimit": 1})  # fmt: skip
+    url = supervisor.health_url()
+    wait_for(lambda: readiness(url)[0] == 200, 15, "/readyz to answer 200 after the start")
+    _code, status = get_json(url, "/status")
+    mirror = next(process["pid"] for process in status["processes"] if process["role"] == "mirror")
+
+    os.kill(mirror, signal.SIGSTOP)
+    try:
+        redis_server.client().xadd("taskvisor:{p}:tasks", {"id": "lag-1", "type": "start", "instance": "vm-1", "user": "u"})
+        reasons = wait_for(lambda: reason_about(url, "the SQL mirror is"), 10, "/readyz to report the mirror's lag")
+        assert any("behind on provider p (limit 1 s, health.mirrorLagLimit)" in reason for reason in reasons), reasons
+        assert_healthy(url)
+    finally:
+        os.kill(mirror, signal.SIGCONT)
+    wait_for(lambda: readiness(url)[0] == 200, 10, "/readyz to recover once the mirror caught up")
