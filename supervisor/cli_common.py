@@ -88,7 +88,8 @@ def store_call(config: Config, action):
 def typed_hash_fields(task: dict[str, str]) -> dict:
     """Convert the text values of a status hash to the types the SQL row has."""
     typed: dict = dict(task)
-    for name, kind in (("progress", float), ("timeout", float), ("attempts", int), ("retries", int), ("retry_at", float)):
+    for name, kind in (("progress", float), ("timeout", float), ("attempts", int), ("retries", int), ("retry_at", float),
+                       ("manual_retries", int)):
         if typed.get(name):
             typed[name] = kind(typed[name])
     for name in ("result", "instance", "message", "error"):

@@ -30,7 +30,8 @@ LIST_LIMIT_MAX = 500
 # `taskvisor get` shows these fields, in this order, whether the task comes from Redis or SQL.
 GET_FIELDS = (
     "id", "provider", "type", "instance", "user", "status", "progress", "message", "error", "data", "result",
-    "timeout", "attempts", "retries", "retry_at", "owner", "workers", "cancelled_by", "cancel_reason", "cancel_error",
+    "timeout", "attempts", "retries", "retry_at", "manual_retries", "owner", "workers", "cancelled_by", "cancel_reason",
+    "cancel_error",
     "created_at", "started_at", "completed_at", "updated_at", "source",
 )  # fmt: skip
 SQL_TO_HASH_FIELDS = {
@@ -382,7 +383,8 @@ def _bulk_retry(config: Config, statuses, provider, task_type, created_from, cre
                                                           limit=limit, created_from=_epoch(created_from),
                                                           created_until=_epoch(created_until)),
         )  # fmt: skip
-        task_ids += [row["id"] for row in rows]
+        # A rejected entry cannot be retried, so a bulk retry leaves it out instead of refusing it.
+        task_ids += [row["id"] for row in rows if not (row.get("error_message") or "").startswith("rejected: ")]
     _retry_many(config, sorted(set(task_ids))[:limit], dry_run)
 
 
@@ -396,7 +398,8 @@ def _retry_many(config: Config, task_ids: list[str], dry_run: bool) -> None:
     refusals: list[str] = []
     label = "checking" if dry_run else "retrying"
     try:
-        with click.progressbar(task_ids, label=label, file=sys.stderr, show_pos=True) as bar:
+        hidden = not sys.stderr.isatty()
+        with click.progressbar(task_ids, label=label, file=sys.stderr, show_pos=True, hidden=hidden) as bar:
             for task_id in bar:
                 _provider, _task, refusal = _retry_one(state, task_id, dry_run)
                 if refusal:

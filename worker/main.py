@@ -83,6 +83,8 @@ class Worker:
         self.tasks_done = 0
         # Until this monotonic time the provider was last seen at its concurrency limit.
         self.full_until = 0.0
+        # Set by `record` when the run just recorded gets an automatic retry, for the log line.
+        self.retry_note = ""
         # Recycling limits, 0 for none: tasks done, and resident memory in bytes.
         self.max_tasks = self.settings.max_tasks_per_worker
         self.max_rss_bytes = self.settings.max_worker_memory_mb * 1024 * 1024
@@ -356,16 +358,19 @@ class Worker:
             outcome = self.probe(spec, context)
         if outcome is None:
             outcome = run_task(self.driver, spec, context, self.redactor, lambda: self.abort_current)
+        self.retry_note = ""
         handed_over = self.record(spec, outcome, started.retries)
         self.current.set(None, None)
         self.tasks_done += 1
         heartbeat.beat(task_started_at=0.0, tasks_done=self.tasks_done)
         level = logging.INFO if outcome.status in (TaskStatus.COMPLETED, TaskStatus.CANCELLED) else logging.WARNING
+        # A run that failed but gets an automatic retry is logged as a run, not as the task's end.
+        what = "task run failed; retry scheduled" if self.retry_note else "task ended"
         log.log(
             level,
-            "task ended task_id=%s provider=%s type=%s status=%s seconds=%.3f pid=%d%s",
-            spec.id, self.provider, spec.type, outcome.status, time.monotonic() - begun, os.getpid(),
-            f" error={outcome.error!r}" if outcome.error else "",
+            "%s task_id=%s provider=%s type=%s status=%s seconds=%.3f pid=%d%s%s",
+            what, spec.id, self.provider, spec.type, outcome.status, time.monotonic() - begun, os.getpid(),
+            self.retry_note, f" error={outcome.error!r}" if outcome.error else "",
         )  # fmt: skip
         return (EXIT_DRIVER_STUCK if outcome.driver_stuck else EXIT_OK), handed_over
 
@@ -410,6 +415,7 @@ class Worker:
             if retries_done < allowed:
                 delay = self.settings.retry_delay(retries_done + 1)
                 retry_due_ms = int((time.time() + delay) * 1000)
+                self.retry_note = f" retry={retries_done + 1}/{allowed} retry_in={delay:g}s"
                 fields["message"] = (
                     f"{status}; automatic retry {retries_done + 1} of {allowed} in {delay:g} s"
                 )
