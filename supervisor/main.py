@@ -39,7 +39,11 @@ from worker.main import consumer_name, worker_main
 
 log = logging.getLogger(__name__)
 
-TICK_SECONDS = 1.0
+# Longest wait of the loop. A config notice published on Redis is read at the next
+# tick, so this bounds how long a live change (a resize, a pause) waits.
+TICK_SECONDS = 0.25
+# Seconds between two writes of the status record (it expires after 5 s).
+STATUS_INTERVAL_SECONDS = 1.0
 # Seconds that a worker gets after SIGUSR1 (abort the task) before SIGKILL.
 ABORT_MARGIN_SECONDS = 5.0
 SERVICE_STOP_SECONDS = 10.0
@@ -57,6 +61,7 @@ class Supervisor:
         self.cold_stop = False
         self.watcher = watcher or ConfigWatcher(None, None, None)
         self.started_at = time.time()
+        self.next_status = 0.0
         # The last config with changes outside providers that was reported as needing a restart.
         self.pending_restart_config: Config | None = None
         self.last_redis_warning = 0.0
@@ -255,6 +260,8 @@ class Supervisor:
                 if not child.retiring or child.retiring == "resize":
                     self.children.retire(child, "restart")
         self.reconcile_children()
+        # The new limits go to Redis at once: workers refuse to start tasks above the old one.
+        self.publish_status(force=True)
 
     def log_provider_change(self, provider: str, old, new) -> None:
         if old.group_size != new.group_size:
@@ -262,7 +269,11 @@ class Supervisor:
         if _needs_restart_settings(old, new):
             log.info("provider settings changed; its workers restart after their current task provider=%s", provider)
 
-    def publish_status(self) -> None:
+    def publish_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self.next_status:
+            return
+        self.next_status = now + STATUS_INTERVAL_SECONDS
         try:
             publish_status(self.client, self.keys, self.config, self.children, self.started_at, self.watcher.errors)
         except redis.RedisError as exc:
