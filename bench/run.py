@@ -10,6 +10,7 @@ It starts one redis-server on a free 127.0.0.1 port (no persistence), installs t
 peers into bench/.venv-peers and bench/.venv-arq when their requirements changed, runs
 the throughput and latency measurements, interleaving the systems in every round,
 and writes bench/results/<name>.md and .json. docs/benchmarks.md explains the numbers.
+With --measure it runs the cancel, resize and memory measurements as well or instead.
 """
 
 import argparse
@@ -18,34 +19,53 @@ import os
 import shlex
 import shutil
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import environment, report
+from harness.cancel import measure_cancel
 from harness.environment import BENCH_DIR, REPO_DIR
 from harness.measure import measure_latency, measure_throughput
+from harness.memory import measure_memory
 from harness.redis_server import PrivateRedis
+from harness.resize import measure_resize
 from harness.systems import SYSTEMS, RunContext
 
-QUICK = {"tasks": 2_000, "rq_fork_tasks": 500, "runs": 2, "latency_tasks": 300, "deadline": 120.0}
-FULL = {"tasks": 20_000, "rq_fork_tasks": 20_000, "runs": 3, "latency_tasks": 2_000, "deadline": 1200.0}
+QUICK = {"tasks": 2_000, "rq_fork_tasks": 500, "runs": 2, "latency_tasks": 300, "deadline": 120.0,
+         "cancel_repetitions": 20, "resize_repetitions": 3, "memory_providers": 10}  # fmt: skip
+FULL = {"tasks": 20_000, "rq_fork_tasks": 20_000, "runs": 3, "latency_tasks": 2_000, "deadline": 1200.0,
+        "cancel_repetitions": 50, "resize_repetitions": 5, "memory_providers": 100}  # fmt: skip
+MEASUREMENTS = ("throughput", "latency", "cancel", "resize", "memory")
 # Seconds that the last paced task may take to finish after the producer sent it.
 LATENCY_DEADLINE_SECONDS = 30.0
+# The resize measurement's backlog: tasks, and seconds that each task runs.
+RESIZE_TASKS = 40
+RESIZE_TASK_SECONDS = 0.5
+# Seconds between two samples of the load average while the command runs.
+LOAD_SAMPLE_SECONDS = 5.0
 
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="2,000 tasks (500 for rq-fork), 2 runs and 300 latency tasks, about 2.5 minutes on 2 cores")
+                        help="2,000 tasks (500 for rq-fork), 2 runs and 300 latency tasks, 2-4 minutes on 2 cores")
     parser.add_argument("--only", metavar="NAME,...",
                         help=f"systems to run, comma-separated, from: {', '.join(SYSTEMS)} [default: all]")
     parser.add_argument("--measure", default="throughput,latency", metavar="KIND,...",
-                        help="measurements to run: throughput, latency or both [default: both]")
+                        help="measurements to run, comma-separated, from: throughput, latency, cancel, resize,"
+                             " memory [default: throughput,latency]")
     parser.add_argument("--runs", type=int, help="runs of each measurement [default: 2 quick, 3 full]")
     parser.add_argument("--tasks", type=int, help="backlog size of the throughput runs [default: 2,000 quick, 20,000 full]")
     parser.add_argument("--latency-tasks", type=int, help="tasks of a latency run [default: 300 quick, 2,000 full]")
     parser.add_argument("--interval-ms", type=float, default=10.0, help="milliseconds between two latency tasks [default: 10]")
+    parser.add_argument("--cancel-repetitions", type=int, metavar="N",
+                        help="cancels per system in the cancel measurement [default: 20 quick, 50 full]")
+    parser.add_argument("--resize-repetitions", type=int, metavar="N",
+                        help="runs of the resize measurement [default: 3 quick, 5 full]")
+    parser.add_argument("--memory-providers", type=int, metavar="N",
+                        help="providers of 4 idle workers each in the memory measurement [default: 10 quick, 100 full]")
     parser.add_argument("--taskvisor-rev", default="HEAD", metavar="REV",
                         help="git revision of taskvisor to measure, extracted into bench/scratch [default: HEAD]")
     parser.add_argument("--working-tree", action="store_true",
@@ -62,8 +82,13 @@ def parse_arguments() -> argparse.Namespace:
         parser.error(f"unknown system {', '.join(unknown)} in --only; expected names from: {', '.join(SYSTEMS)}")
     arguments.systems = names
     arguments.kinds = arguments.measure.split(",")
-    if any(kind not in ("throughput", "latency") for kind in arguments.kinds):
-        parser.error(f"invalid --measure value {arguments.measure!r}: expected throughput, latency or both, comma-separated")
+    if any(kind not in MEASUREMENTS for kind in arguments.kinds):
+        parser.error(f"invalid --measure value {arguments.measure!r}: expected names from {', '.join(MEASUREMENTS)},"
+                     " comma-separated")  # fmt: skip
+    for option in ("cancel_repetitions", "resize_repetitions", "memory_providers"):
+        value = getattr(arguments, option)
+        if value is not None and value < 1:
+            parser.error(f"invalid --{option.replace('_', '-')} value {value}: expected 1 or more")
     return arguments
 
 
@@ -88,6 +113,11 @@ def settings_for(arguments: argparse.Namespace) -> dict:
         "deadline_seconds": defaults["deadline"],
         "systems": arguments.systems,
         "measurements": arguments.kinds,
+        "cancel_repetitions": arguments.cancel_repetitions or defaults["cancel_repetitions"],
+        "resize_repetitions": arguments.resize_repetitions or defaults["resize_repetitions"],
+        "resize_tasks": RESIZE_TASKS,
+        "resize_task_seconds": RESIZE_TASK_SECONDS,
+        "memory_providers": arguments.memory_providers or defaults["memory_providers"],
     }
 
 
@@ -127,7 +157,38 @@ def run_benchmarks(server: PrivateRedis, scratch: str, taskvisor_dir: str, setti
                 summary["runs"].append(run)
                 progress(f"latency {name} run {round_number}: p50={run.get('p50_ms')} ms p99={run.get('p99_ms')} ms"
                          f" {run.get('error', '')} load={run.get('load_average_before', ['-'])[0]}")  # fmt: skip
+    if "cancel" in settings["measurements"]:
+        results["cancel"] = measure_cancel(server, context, settings["systems"], settings["cancel_repetitions"], progress)
+    # Resize and memory measure taskvisor alone.
+    if "resize" in settings["measurements"] and "taskvisor" in settings["systems"]:
+        results["resize"] = measure_resize(server, context, settings["resize_repetitions"], settings["resize_tasks"],
+                                           settings["resize_task_seconds"], progress)  # fmt: skip
+    if "memory" in settings["measurements"] and "taskvisor" in settings["systems"]:
+        results["memory"] = measure_memory(server, context, settings["memory_providers"], progress)
     return results
+
+
+class LoadSampler:
+    """A daemon thread that records the 1-minute load average every LOAD_SAMPLE_SECONDS, so the report can give the highest."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="load-sampler", daemon=True)
+
+    def run(self) -> None:
+        while True:
+            self.samples.append(environment.load_average()[0])
+            if self.stopped.wait(LOAD_SAMPLE_SECONDS):
+                return
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> list[float]:
+        self.stopped.set()
+        self.thread.join()
+        return self.samples
 
 
 def main() -> int:
@@ -146,6 +207,8 @@ def main() -> int:
     environment.check_taskvisor_import(taskvisor_dir)
 
     began = time.perf_counter()
+    sampler = LoadSampler()
+    sampler.start()
     server = PrivateRedis(os.path.join(scratch, "redis"))
     server.start()
     try:
@@ -168,7 +231,10 @@ def main() -> int:
         results.update(run_benchmarks(server, scratch, taskvisor_dir, settings))
     finally:
         server.stop()
+        samples = sampler.stop()
     results["load_average_end"] = environment.load_average()
+    results["load_average_highest"] = max(samples)
+    results["load_average_samples"] = len(samples)
     results["total_seconds"] = round(time.perf_counter() - began, 1)
     results["notes"] = notes_for(settings)
     report.summarize(results)
@@ -187,12 +253,14 @@ def main() -> int:
 
 def notes_for(settings: dict) -> list[str]:
     notes = []
-    if settings["rq_fork_tasks"] != settings["tasks"] and "rq-fork" in settings["systems"]:
+    if settings["rq_fork_tasks"] != settings["tasks"] and "rq-fork" in settings["systems"] and "throughput" in settings["measurements"]:
         notes.append(f"rq-fork drains {settings['rq_fork_tasks']:,} tasks instead of {settings['tasks']:,}, because it"
                      " forks one process per job; compare its tasks/s, not its seconds.")  # fmt: skip
     if "latency" in settings["measurements"] and "rq-fork" in settings["systems"]:
         notes.append("rq-fork has no latency row: it differs from rq-simple only in the fork per job.")
     notes.append("Every system runs at the log level its command line uses by default, writing to a file in bench/scratch.")
+    if ("resize" in settings["measurements"] or "memory" in settings["measurements"]) and "taskvisor" not in settings["systems"]:
+        notes.append("The resize and memory measurements did not run: they measure taskvisor, which --only left out.")
     return notes
 
 

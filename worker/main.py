@@ -245,9 +245,16 @@ class Worker:
 
     def run_taken(self, entry_id: str, fields: dict, started: StartResult | None) -> int:
         """Run an entry that `take` delivered, and started too when its task was registered."""
+        if started is not None and started.outcome == "unregistered":
+            # Taken before the intake registered it, the usual case at idle workers: the
+            # worker registers it itself.
+            code, handed_over = self.process(entry_id, fields, unregistered=True)
+            if code != EXIT_OK or handed_over is None:
+                return code
+            return self.run_entry(*handed_over)
         if started is None or not started.owned:
-            # Not started in the take (not registered yet, or not startable now): the
-            # usual path looks at it again and handles every reply.
+            # Not started in the take (not startable now): the usual path looks at it
+            # again and handles every reply.
             return self.run_entry(entry_id, fields)
         try:
             spec = parse_entry(self.provider, entry_id, fields)
@@ -273,7 +280,9 @@ class Worker:
 
     # -- one entry --------------------------------------------------------------
 
-    def process(self, entry_id: str, fields: dict | None) -> tuple[int, tuple[str, dict] | None]:
+    def process(
+        self, entry_id: str, fields: dict | None, unregistered: bool = False
+    ) -> tuple[int, tuple[str, dict] | None]:
         """Validate, start and run one entry; returns the exit code and a handed-over entry."""
         if not fields:
             # Deleted after delivery (a finished task); only the acknowledgement is left to do.
@@ -287,7 +296,11 @@ class Worker:
         timeout = spec.timeout or self.settings.timeout_for(spec.type)
         # Usually the intake has registered the task and reserved its id, so one round trip
         # suffices. Otherwise the id is reserved here and the start registers the task.
-        started = self.start(spec, timeout, registered_only=True)
+        if unregistered:
+            # The take already found the task unregistered: skip that first attempt.
+            started = StartResult([b"unregistered"])
+        else:
+            started = self.start(spec, timeout, registered_only=True)
         if started.outcome == "unregistered":
             first_owner = self.state.claim_id(spec)
             if first_owner is not None:

@@ -6,10 +6,18 @@ second. The benchmark sets poll_delay to 0.002 s, which caps it at 1,000 jobs a
 second, and an idle worker then reads the queue 500 times a second.
 """
 
+import asyncio
 import time
 
 from arq.connections import RedisSettings
-from bench_common import DONE_KEY, STARTED_KEY, latency_mode, redis_url
+from bench_common import (
+    DONE_KEY,
+    SLEEP_SECONDS,
+    STARTED_KEY,
+    latency_mode,
+    record_pid,
+    redis_url,
+)
 
 _record_start = latency_mode()
 
@@ -24,9 +32,36 @@ async def noop(ctx: dict, number: int) -> None:
     await pipe.execute()
 
 
+async def sleep_subprocess(ctx: dict, name: str) -> None:
+    """Run `sleep 30` as a child of the worker and wait for it (cancel measurement).
+
+    The job does nothing when it is cancelled: what happens to the child is what arq and
+    asyncio do with it.
+    """
+    process = await asyncio.create_subprocess_exec("sleep", str(SLEEP_SECONDS))
+    record_pid(name, process.pid)
+    await process.wait()
+
+
 class WorkerSettings:
     functions = (noop,)
     redis_settings = RedisSettings.from_dsn(redis_url())
     max_jobs = 2
     poll_delay = 0.002
     keep_result = 0
+
+
+class CancelWorkerSettings:
+    """The cancel measurement's worker: `Job.abort()` works only with allow_abort_jobs.
+
+    arq 0.28 reads only the class's own `__dict__` (arq.worker.get_kwargs), so a subclass
+    of WorkerSettings would lose redis_settings and connect to arq's default Redis on
+    localhost:6379. Every setting is therefore repeated here.
+    """
+
+    functions = (noop, sleep_subprocess)
+    redis_settings = WorkerSettings.redis_settings
+    max_jobs = WorkerSettings.max_jobs
+    poll_delay = WorkerSettings.poll_delay
+    keep_result = WorkerSettings.keep_result
+    allow_abort_jobs = True

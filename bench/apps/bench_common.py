@@ -4,6 +4,10 @@ Each task, whatever system runs it, finishes by incrementing `DONE_KEY`. In late
 mode it first stores `time.time()` under its task number in `STARTED_KEY`, in the
 same pipeline, so the harness can compare it with the producer's send time.
 The harness reads these keys from the same private Redis that the system uses.
+
+The 30-second tasks of the cancel measurement write the pid of the process they
+start (or their own) to a file with `record_pid`, because the harness checks with
+psutil when that process is gone.
 """
 
 import os
@@ -14,6 +18,10 @@ import redis
 DONE_KEY = "bench:done"
 STARTED_KEY = "bench:started"
 SENT_KEY = "bench:sent"
+# The variable that names the folder where the cancel measurement's tasks record their pids.
+PID_DIR_VARIABLE = "BENCH_PID_DIR"
+# Seconds that each task of the cancel measurement runs when nothing stops it.
+SLEEP_SECONDS = 30
 
 
 def redis_url() -> str:
@@ -35,6 +43,15 @@ def record_task(client: redis.Redis, number: object, record_start: bool) -> None
         pipe.hset(STARTED_KEY, str(number), repr(started))
     pipe.incr(DONE_KEY)
     pipe.execute()
+
+
+def record_pid(name: str, pid: int) -> None:
+    """Write "<pid> <time.time()>" to <BENCH_PID_DIR>/<name>.pid, renamed into place so a reader never sees half a file."""
+    folder = os.environ[PID_DIR_VARIABLE]
+    path = os.path.join(folder, f"{name}.pid")
+    with open(path + ".tmp", "w", encoding="ascii") as handle:
+        handle.write(f"{pid} {time.time()!r}\n")
+    os.replace(path + ".tmp", path)
 
 
 class LazyClient:

@@ -2,6 +2,8 @@
 
 import statistics
 
+from harness import report_sections
+
 # The targets that docs/benchmarks.md checks taskvisor against.
 THROUGHPUT_TARGET_VERSUS_CELERY = 2.0
 
@@ -78,8 +80,14 @@ def markdown(results: dict) -> str:
         lines += throughput_lines(results["throughput"])
     if results.get("latency"):
         lines += latency_lines(results["latency"], results["settings"]["interval_ms"])
+    if results.get("cancel"):
+        lines += report_sections.cancel_lines(results["cancel"])
+    if results.get("resize"):
+        lines += report_sections.resize_lines(results["resize"])
+    if results.get("memory"):
+        lines += report_sections.memory_lines(results["memory"])
 
-    targets = targets_text(results)
+    targets = targets_text(results) + report_sections.target_lines(results)
     if targets:
         lines += ["## Targets", "", *targets, ""]
 
@@ -90,6 +98,7 @@ def markdown(results: dict) -> str:
         for index, run in enumerate(summary["runs"])
         if "error" in run
     ]  # fmt: skip
+    failures += report_sections.failure_lines(results)
     if failures:
         lines += ["## Failed runs", "", *failures, ""]
 
@@ -110,6 +119,8 @@ def header_lines(results: dict) -> list[str]:
         (f"- Machine: {machine['cores']} cores, {machine['memory_gib']} GiB, {machine['cpu_model']},"
          f" Linux {machine['kernel']}, Python {machine['python']}"),
         f"- Load average (1, 5, 15 min) at start: {results['load_average_start']}, at end: {results['load_average_end']}",
+        (f"- Highest 1-minute load average seen during the run: {results['load_average_highest']:.2f}"
+         f" ({results['load_average_samples']} samples, one every 5 s)"),
         f"- taskvisor commit: {versions['taskvisor_commit']}; redis-server {versions['redis_server']}",
         f"- taskvisor environment: {_versions_text(versions['taskvisor_environment'])}",
         f"- bench/.venv-peers: {_versions_text(versions['peers_environment'])}",

@@ -36,6 +36,11 @@ class RunContext:
     mode: str = "throughput"
     label: str = ""
 
+    @property
+    def pid_dir(self) -> str:
+        """The folder where the cancel measurement's tasks record their pids (bench_common.record_pid)."""
+        return os.path.join(self.scratch, "pids")
+
     def environment(self, with_taskvisor: bool) -> dict[str, str]:
         env = dict(os.environ)
         paths = [APPS_DIR, self.taskvisor_dir] if with_taskvisor else [APPS_DIR]
@@ -43,6 +48,9 @@ class RunContext:
         env["BENCH_REDIS_URL"] = self.redis_url
         env["BENCH_MODE"] = self.mode
         env["BENCH_TV_STREAM"] = TASKVISOR_STREAM
+        env["BENCH_TV_PREFIX"] = TASKVISOR_PREFIX
+        env["BENCH_TV_PROVIDER"] = TASKVISOR_PROVIDER
+        env["BENCH_PID_DIR"] = self.pid_dir
         env.pop("VIRTUAL_ENV", None)
         return env
 
@@ -135,24 +143,43 @@ class Taskvisor(System):
         return os.path.join(context.scratch, "taskvisor", "taskvisor.db")
 
     def prepare(self, context: RunContext) -> None:
-        os.makedirs(os.path.dirname(self.config_path(context)), exist_ok=True)
-        database = self.database_path(context)
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(database + suffix):
-                os.remove(database + suffix)
+        if context.mode == "cancel":
+            # The 30-second command of the cancel measurement, with the health endpoint on a free port.
+            self.write_config(context, f"""\
+  {TASKVISOR_PROVIDER}:
+    allowConcurrentTasks: true
+    maxConcurrentTasks: 2
+    driver:
+      type: command
+      commands: {{start: ["/bin/sh", "{os.path.join(APPS_DIR, 'sleep_task.sh')}"]}}
+""", extra="health: {port: 0}\n")  # fmt: skip
+            return
         record_start = "true" if context.mode == "latency" else "false"
-        config = f"""\
-redis: {{url: "{context.redis_url}", prefix: {TASKVISOR_PREFIX}}}
-database: {{url: "sqlite:///{database}"}}
-supervisor: {{name: bench, shutdownGrace: 5}}
-providers:
+        self.write_config(context, f"""\
   {TASKVISOR_PROVIDER}:
     allowConcurrentTasks: true
     maxConcurrentTasks: 2
     driver:
       type: "noop_driver:NoopDriver"
       options: {{redisUrl: "{context.redis_url}", recordStart: {record_start}}}
-"""
+""")  # fmt: skip
+
+    def write_config(self, context: RunContext, providers: str, extra: str = "") -> None:
+        """Write the config file with `providers` as the body of its `providers:` mapping, and a new SQLite file.
+
+        `extra` is YAML text added before `providers:`, such as a `health` section.
+        """
+        os.makedirs(os.path.dirname(self.config_path(context)), exist_ok=True)
+        database = self.database_path(context)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(database + suffix):
+                os.remove(database + suffix)
+        config = f"""\
+redis: {{url: "{context.redis_url}", prefix: {TASKVISOR_PREFIX}}}
+database: {{url: "sqlite:///{database}"}}
+supervisor: {{name: bench, shutdownGrace: 5}}
+{extra}providers:
+{providers}"""
         with open(self.config_path(context), "w", encoding="utf-8") as handle:
             handle.write(config)
 
@@ -223,7 +250,10 @@ class RqForking(Rq):
 
 class Arq(System):
     def commands(self, context: RunContext) -> list[list[str]]:
-        return [[self.tool("arq"), "arq_worker.WorkerSettings"]]
+        # Job.abort() needs allow_abort_jobs, which adds a Redis round trip to every
+        # poll, so only the cancel measurement turns it on.
+        settings = "CancelWorkerSettings" if context.mode == "cancel" else "WorkerSettings"
+        return [[self.tool("arq"), f"arq_worker.{settings}"]]
 
 
 class Dramatiq(System):
