@@ -30,7 +30,7 @@ from shared.provider_settings import (
     config_channel,
     settings_key,
 )
-from shared.redis_client import connect, is_cluster
+from shared.redis_client import connect, is_cluster, text as _text
 from shared.schema import PROTOCOL_VERSION, derive_task_id, parse_entry
 from shared.states import TERMINAL_STATUSES, TaskStatus, TaskType
 
@@ -356,10 +356,6 @@ class TaskvisorClient:
         pipe.hset(key, mapping=mapping)
         pipe.publish(channel, message)
         pipe.execute()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _timeout_text(timeout: float | str) -> str:

@@ -66,7 +66,7 @@ class Keys:
         return f"{self.prefix}:{{{provider}}}:retries"
 
     def limit(self, provider: str) -> str:
-        """How many tasks of the provider may run at once, across all supervisors (written by them)."""
+        """Return the key of the provider's concurrency limit across all supervisors, which they write."""
         return f"{self.prefix}:{{{provider}}}:limit"
 
     def task_index(self) -> str:

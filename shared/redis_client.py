@@ -141,6 +141,13 @@ def _parse_sentinel_path(path: str) -> tuple[str, int]:
     return name, int(db_text)
 
 
+def text(value: bytes | str | None) -> str:
+    """Return a Redis reply value as text: bytes decoded as UTF-8 (invalid bytes replaced), None as ''."""
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def connect(
     url: str, socket_timeout: float = SOCKET_TIMEOUT_SECONDS, connect_timeout: float = CONNECT_TIMEOUT_SECONDS
 ) -> redis.Redis:

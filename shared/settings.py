@@ -132,8 +132,8 @@ class ProviderConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True,
 class RedisConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
     prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")] = "taskvisor"
-    # seconds that events stay in a provider's event stream after the SQL mirror wrote
-    # them, for panels that read the stream; unwritten events are never trimmed
+    # seconds that events stay in a provider's event stream after every consumer group
+    # read them, for panels that read the stream. Unread events are never trimmed.
     events_retention: Annotated[float, msgspec.Meta(ge=0, le=30 * 86400)] = 3600.0
     # 0 (the default): no cap. Otherwise an approximate cap on each event stream's length
     # that trims even events the mirror has not written; see docs/configuration.md

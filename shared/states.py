@@ -170,7 +170,7 @@ def instance_rule_after(task_type: TaskType, status: TaskStatus) -> str:
 def instance_rule_given_up(task_type: TaskType) -> str:
     """The instance instruction when an interrupted run is given up (no probe, or poison).
 
-    Nobody knows what the interrupted run left behind, so the instance is marked as
+    What the interrupted run left behind is unknown, so the instance is marked as
     needing attention, except for types that never touch the instance status.
     """
     if INSTANCE_WHILE_RUNNING[task_type] is None:

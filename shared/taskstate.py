@@ -125,11 +125,15 @@ class TaskState:
         Returns None when the id is free or already belongs to this same entry, and
         otherwise `<provider> <entry>` of the first task that took the id.
         """
-        owner = f"{spec.provider} {spec.entry}"
+        return self._reserve_id(spec.id, spec.provider, spec.entry)
+
+    def _reserve_id(self, task_id: str, provider: str, entry_id: str) -> str | None:
+        """Reserve `task_id` for this entry, and return the other entry that reserved it first, or None."""
+        owner = f"{provider} {entry_id}"
         index = self.keys.task_index()
-        if self.client.hsetnx(index, spec.id, owner):
+        if self.client.hsetnx(index, task_id, owner):
             return None
-        current = _text(self.client.hget(index, spec.id) or b"")
+        current = _text(self.client.hget(index, task_id) or b"")
         if current in ("", owner):
             return None
         return current
@@ -331,7 +335,7 @@ class TaskState:
         instance = readable.get("instance", "")
         task_id = known_task_id(provider, entry_id, fields) if record_task else None
         task_pairs: list[str] = []
-        if task_id is not None and self._claim_raw(task_id, provider, entry_id):
+        if task_id is not None and self._reserve_id(task_id, provider, entry_id) is None:
             task_pairs = [
                 "id", task_id, "provider", provider, "entry", entry_id, "timeout", "0", "data", "{}",
                 *_readable_pairs(readable, {"type": TASK_ID_PATTERN, "instance": INSTANCE_ID_PATTERN,
@@ -350,14 +354,6 @@ class TaskState:
         log.warning(
             "entry rejected provider=%s entry=%s task_id=%s reason=%s", provider, entry_id, task_id or "-", reason
         )
-
-    def _claim_raw(self, task_id: str, provider: str, entry_id: str) -> bool:
-        """Reserve `task_id` for this entry; False when another entry holds it."""
-        owner = f"{provider} {entry_id}"
-        index = self.keys.task_index()
-        if self.client.hsetnx(index, task_id, owner):
-            return True
-        return _text(self.client.hget(index, task_id) or b"") in ("", owner)
 
     def take_due_retry(self, provider: str, consumer: str) -> tuple[str, dict] | float | None:
         """Claim the first due automatic retry for `consumer`.

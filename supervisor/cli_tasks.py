@@ -348,8 +348,7 @@ def _retry_one(state, task_id: str, dry_run: bool = False) -> tuple[str, dict, s
         return provider, {}, f"task '{task_id}' not found in Redis under provider '{provider}'; nothing was changed"
     status = task.get("status", "")
     if status not in RETRY_STATUSES:
-        return provider, task, (f"task '{task_id}' is {status}: only failed, timeout or cancelled tasks can be "
-                                f"retried; nothing was changed")
+        return provider, task, _wrong_status(task_id, status)
     if task.get("error", "").startswith("rejected: "):
         return provider, task, (f"task '{task_id}' cannot be retried: its entry was rejected "
                                 f"({task['error'][len('rejected: '):]}); push a corrected entry with a new id")
@@ -364,12 +363,15 @@ def _retry_one(state, task_id: str, dry_run: bool = False) -> tuple[str, dict, s
         entry["timeout"] = task["timeout"]
     reply = state.retry(provider, task_id, "admin", entry)
     if reply[0] == "refused":
-        return provider, task, (f"task '{task_id}' is {reply[1]}: only failed, timeout or cancelled tasks can be "
-                                f"retried; nothing was changed")
+        return provider, task, _wrong_status(task_id, reply[1])
     if reply[0] != "ok":
         return provider, task, f"task '{task_id}' not found in Redis; nothing was changed"
     task["new_entry"] = reply[1]
     return provider, task, ""
+
+
+def _wrong_status(task_id: str, status: str) -> str:
+    return f"task '{task_id}' is {status}: only failed, timeout or cancelled tasks can be retried; nothing was changed"
 
 
 def _bulk_retry(config: Config, statuses, provider, task_type, created_from, created_until, limit, dry_run) -> None:

@@ -19,6 +19,7 @@ import redis
 
 from shared.keys import Keys
 from shared.redaction import redact_url
+from shared.redis_client import text
 from shared.settings import Config
 from supervisor.cli_common import connection_options, fail, open_redis
 from supervisor.status import read_statuses
@@ -36,10 +37,7 @@ HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
 
 
 def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return CONTROL_CHARACTERS.sub(" ", text)
+    return CONTROL_CHARACTERS.sub(" ", text(value))
 
 
 class Throughput:

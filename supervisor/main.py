@@ -39,7 +39,7 @@ from worker.main import consumer_name, worker_main
 
 log = logging.getLogger(__name__)
 
-# Longest wait of the loop. A config notice published on Redis is read at the next
+# Maximum wait of the loop. A config notice published on Redis is read at the next
 # tick, so this bounds how long a live change (a resize, a pause) waits.
 TICK_SECONDS = 0.25
 # Seconds between two writes of the status record (it expires after 5 s).

@@ -27,7 +27,7 @@ import redis
 
 from shared.heartbeat import RECONNECT_TARGETS, HeartbeatTable
 from shared.keys import MIRROR_GROUP, Keys
-from shared.redis_client import connect, is_cluster
+from shared.redis_client import connect, is_cluster, text as _text
 from shared.settings import Config
 from shared.states import TERMINAL_STATUSES, TaskStatus
 from supervisor.prometheus import MetricsWriter
@@ -56,12 +56,6 @@ class Histogram:
         seconds = max(seconds, 0.0)
         self.counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
         self.total += seconds
-
-
-def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _seconds(text: str | None) -> float | None:

@@ -19,7 +19,7 @@ from shared import heartbeat
 from shared.errors import StoreError
 from shared.keys import MIRROR_GROUP, Keys
 from shared.process import stop_on_sigterm
-from shared.redis_client import connect, ensure_group, is_cluster
+from shared.redis_client import connect, ensure_group, is_cluster, text as _text
 from shared.settings import Config
 from shared.store import Store, open_store
 from shared.store.records import InstanceRecord, TaskRecord
@@ -35,10 +35,6 @@ IDLE_SLEEP_SECONDS = 0.2
 CLUSTER_IDLE_SECONDS = 0.1
 # Seconds between two trims of the event streams.
 TRIM_INTERVAL_SECONDS = 10.0
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _float_or_none(text: str) -> float | None:

@@ -39,7 +39,7 @@ from shared.heartbeat import (
 )
 from shared.keys import MIRROR_GROUP, Keys
 from shared.redaction import redact_url
-from shared.redis_client import connect
+from shared.redis_client import connect, text as _text
 from shared.settings import Config
 from shared.store import Store, open_store
 from supervisor.children import RECYCLE_REASONS
@@ -532,7 +532,3 @@ def describe_exit(slot: Slot) -> str:
     if slot.role == "worker" and os.WIFEXITED(status) and os.WEXITSTATUS(status) in RECYCLE_REASONS:
         return f"recycled after reaching its {RECYCLE_REASONS[os.WEXITSTATUS(status)]} limit"
     return heartbeat.describe_exit(status)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

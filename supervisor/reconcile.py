@@ -27,6 +27,7 @@ import redis
 
 from shared.keys import PROVIDER_ID_PATTERN, Keys
 from shared.provider_settings import providers_set_key
+from shared.redis_client import text as _text
 from shared.settings import Config
 from shared.states import TRANSITIONAL_INSTANCE_STATUSES
 from shared.taskstate import TaskState
@@ -46,10 +47,6 @@ UNKNOWN_PROVIDER_GRACE_SECONDS = 300.0
 # Seconds a task may run past its timeout and kill grace before the pass ends it. The
 # worker itself ends a timed-out task within its kill grace and two seconds more.
 OVERDUE_MARGIN_SECONDS = 5.0
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def owner_pid(owner: str) -> int | None:
@@ -199,7 +196,7 @@ class Reconciler:
         return repaired
 
     def reject_unknown_provider_entries(self, providers: dict) -> int:
-        """Dead-letter entries that waited too long in the stream of a provider nobody runs.
+        """Dead-letter entries that waited too long in the stream of a provider that no supervisor runs.
 
         A provider counts as known when this supervisor's config has it, any running
         supervisor lists it in its status key, or it is in the Redis providers set.

@@ -12,13 +12,10 @@ import logging
 import redis
 
 from shared.keys import WORKER_GROUP, Keys
+from shared.redis_client import text as _text
 from worker.main import consumer_name
 
 log = logging.getLogger(__name__)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def reassign_orphans(client: redis.Redis, keys: Keys, supervisor_name: str, provider: str, group_size: int) -> int:

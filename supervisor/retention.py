@@ -22,6 +22,7 @@ import redis
 
 from shared.errors import StoreError
 from shared.keys import PROVIDER_ID_PATTERN, Keys
+from shared.redis_client import text as _text
 from shared.settings import Config
 from shared.store import Store, open_store
 
@@ -63,12 +64,6 @@ def parse_duration(text: str) -> int:
     if seconds <= 0:
         raise ValueError(f"invalid duration {text!r}: it must be longer than 0")
     return seconds
-
-
-def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 class RedisPurger:

@@ -248,10 +248,7 @@ class Worker:
         if started is not None and started.outcome == "unregistered":
             # Taken before the intake registered it, the usual case at idle workers: the
             # worker registers it itself.
-            code, handed_over = self.process(entry_id, fields, unregistered=True)
-            if code != EXIT_OK or handed_over is None:
-                return code
-            return self.run_entry(*handed_over)
+            return self.run_after(*self.process(entry_id, fields, unregistered=True))
         if started is None or not started.owned:
             # Not started in the take (not startable now): the usual path looks at it
             # again and handles every reply.
@@ -264,7 +261,10 @@ class Worker:
             log.error("started task has an invalid entry provider=%s entry=%s error=%s", self.provider, entry_id, exc)
             return self.run_entry(entry_id, fields)
         timeout = spec.timeout or self.settings.timeout_for(spec.type)
-        code, handed_over = self.execute(spec, timeout, started)
+        return self.run_after(*self.execute(spec, timeout, started))
+
+    def run_after(self, code: int, handed_over: tuple[str, dict] | None) -> int:
+        """Go on with the entry handed over after a task ended, unless the worker must exit."""
         if code != EXIT_OK or handed_over is None:
             return code
         return self.run_entry(*handed_over)
@@ -340,7 +340,7 @@ class Worker:
         )  # fmt: skip
 
     def interrupt_action(self, task_type: TaskType) -> str:
-        """What to do with an interrupted run of `task_type`: the provider's rule, or fail without a probe."""
+        """Return the action for an interrupted run of `task_type`: the provider's rule, or fail without a probe."""
         action = self.settings.interrupt_action_for(task_type)
         if action == "probe" and not self.driver.has_probe(str(task_type)):
             action = "fail"

@@ -60,12 +60,7 @@ if status == 'pending' then
   local entry = redis.call('HGET', task_key, 'entry')
   redis.call('HSET', task_key, 'status', 'cancelled', 'completed_at', t, 'message', 'cancelled before it started')
   redis.call('HINCRBY', task_key, 'version', 1)
-  redis.call('XACK', stream_key, group, entry)
-  redis.call('XDEL', stream_key, entry)
-  local instance = redis.call('HGET', task_key, 'instance')
-  if instance ~= '' then
-    redis.call('ZREM', queue_prefix .. instance, queue_member(entry))
-  end
+  remove_entry(stream_key, group, entry, queue_prefix .. redis.call('HGET', task_key, 'instance'))
   emit(task_key, events_key, maxlen, nil, false)
   return {'cancelled'}
 end

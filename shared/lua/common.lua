@@ -79,6 +79,14 @@ local function queue_head(queue_key, stream_key)
   end
 end
 
+-- Acknowledge and delete a task's stream entry, and drop it from its instance queue,
+-- once the task has ended or its entry was rejected.
+local function remove_entry(stream_key, group, entry, queue_key)
+  redis.call('XACK', stream_key, group, entry)
+  redis.call('XDEL', stream_key, entry)
+  redis.call('ZREM', queue_key, queue_member(entry))
+end
+
 local function instance_status(instances_key, instance)
   if instance == nil or instance == '' then
     return nil

@@ -1,7 +1,7 @@
 -- Move a rejected entry to the dead-letter stream, then acknowledge and delete it, and
--- drop it from its instance queue so that it holds up no later task. When its task id
--- is known and was free (or the task's current entry is this one), the task is also
--- recorded as failed with the reason, so the panel finds the reason in the status hash,
+-- drop it from its instance queue so that it holds up no later task. The task is also
+-- recorded as failed with the reason when its id is known and was free, or when the
+-- task's current entry is this one. The panel then finds the reason in the status hash,
 -- the event stream and SQL.
 -- KEYS: dead-letter stream, task stream, instance queue (may be a key that does not
 --       exist), task hash, event stream.
@@ -9,9 +9,7 @@
 --       maxlen, then the field/value pairs of the failed task ('' pairs for none).
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'entry', ARGV[3], 'reason', ARGV[4],
   'fields', ARGV[5], 'at', now())
-redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
-redis.call('XDEL', KEYS[2], ARGV[3])
-redis.call('ZREM', KEYS[3], queue_member(ARGV[3]))
+remove_entry(KEYS[2], ARGV[2], ARGV[3], KEYS[3])
 if #ARGV <= 6 then
   return 1
 end

@@ -67,9 +67,7 @@ end
 redis.call('HDEL', busy_key, owner)
 local reply = {'ok'}
 if TERMINAL[new_status] then
-  redis.call('XACK', stream_key, group, entry)
-  redis.call('XDEL', stream_key, entry)
-  redis.call('ZREM', queue_key, queue_member(entry))
+  remove_entry(stream_key, group, entry, queue_key)
   if handoff_consumer ~= '' then
     local head = queue_head(queue_key, stream_key)
     if head then

@@ -55,9 +55,7 @@ local function start_task(KEYS, ARGV)
     return {'duplicate', first_entry or ''}
   end
   if TERMINAL[status] then
-    redis.call('XACK', stream_key, group, entry)
-    redis.call('XDEL', stream_key, entry)
-    redis.call('ZREM', queue_key, queue_member(entry))
+    remove_entry(stream_key, group, entry, queue_key)
     return {'finished', status}
   end
   if redis.call('HEXISTS', task_key, 'cancel_request_user') == 1 then
@@ -73,9 +71,7 @@ local function start_task(KEYS, ARGV)
     redis.call('HINCRBY', task_key, 'version', 1)
     local changed = apply_instance_rule(task_key, instances_key, instance, rule)
     redis.call('DEL', lease_key)
-    redis.call('XACK', stream_key, group, entry)
-    redis.call('XDEL', stream_key, entry)
-    redis.call('ZREM', queue_key, queue_member(entry))
+    remove_entry(stream_key, group, entry, queue_key)
     emit(task_key, events_key, maxlen, instance_status(instances_key, instance), changed)
   end
 

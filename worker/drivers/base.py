@@ -100,7 +100,7 @@ class ProbeAnswer:
 
     `outcome` is one of:
     - "completed": the operation took effect; `result` becomes the task's result.
-    - "failed": it did not take effect and must not be run again; `error` says why.
+    - "failed": it did not take effect and must not be run again; `error` explains why.
     - "not_done": nothing happened on the backend, so running the task again is safe.
     """
 
@@ -132,7 +132,7 @@ class Driver:
         return method
 
     def has_probe(self, task_type: str) -> bool:
-        """Whether this driver can probe an interrupted task of `task_type`."""
+        """Return whether this driver can probe an interrupted task of `task_type`."""
         return callable(getattr(self, "probe", None))
 
     def close(self) -> None:
