@@ -62,6 +62,7 @@ class Supervisor:
         self.watcher = watcher or ConfigWatcher(None, None, None)
         self.started_at = time.time()
         self.next_status = 0.0
+        self.published_children: tuple = ()
         # The last config with changes outside providers that was reported as needing a restart.
         self.pending_restart_config: Config | None = None
         self.last_redis_warning = 0.0
@@ -271,9 +272,12 @@ class Supervisor:
 
     def publish_status(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now < self.next_status:
+        # A child forked, exited or began to retire: the record shows it without waiting.
+        children = tuple(sorted((child.pid, child.retiring) for child in self.children.by_pid.values()))
+        if not force and now < self.next_status and children == self.published_children:
             return
         self.next_status = now + STATUS_INTERVAL_SECONDS
+        self.published_children = children
         try:
             publish_status(self.client, self.keys, self.config, self.children, self.started_at, self.watcher.errors)
         except redis.RedisError as exc:
