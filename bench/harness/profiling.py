@@ -1,7 +1,7 @@
 """Sampling profiles of taskvisor's processes with py-spy while they drain a backlog.
 
 `bench/run.py --profile` starts taskvisor like a throughput run, attaches one
-`py-spy record` to each worker, the intake, the mirror and the supervisor, takes one
+`py-spy record` to each worker, the intake, the mirror, the monitor and the supervisor, takes one
 `py-spy dump` of each, and writes the top frames to bench/results/profile-<name>.md. The raw
 collapsed stacks stay in bench/scratch/<name>/profile/ for flame graph tools.
 """
@@ -13,6 +13,8 @@ import signal
 import subprocess
 import time
 
+import psutil
+
 from harness.environment import REPO_DIR, venv_python
 from harness.measure import run_producer, wait_for_count
 from harness.redis_server import PrivateRedis
@@ -21,11 +23,11 @@ from harness.systems import SYSTEMS, RunContext
 # Samples per second of each py-spy recorder.
 SAMPLE_RATE = 100
 TOP_FRAMES = 15
-STARTED_LINE = re.compile(r" (\S+)\[(\d+)\] \S+: (?:worker|intake|mirror|supervisor) started")
+STARTED_LINE = re.compile(r" (\S+)\[(\d+)\] \S+: (?:(?:worker|intake|mirror|supervisor) started|health endpoint listening)")
 
 
 def wait_for_processes(log_path: str, expected: int, timeout: float) -> dict[str, int]:
-    """Return the pid of each process (worker:<provider>:<slot>, intake, mirror, supervisor) once `expected` have logged their start."""
+    """Return the pid of each process (worker:<provider>:<slot>, intake, mirror, monitor, supervisor) once `expected` have logged their start."""
     deadline = time.monotonic() + timeout
     found: dict[str, int] = {}
     while time.monotonic() < deadline and len(found) < expected:
@@ -96,6 +98,48 @@ def top_frames(stacks: list[tuple[list[str], int]]) -> tuple[int, list[tuple[str
     return total, own.most_common(TOP_FRAMES), inclusive.most_common(TOP_FRAMES)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds that process `pid` has used so far (its threads included)."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def cpu_markdown(cpu_used: dict[str, float], count: int, seconds: float) -> list[str]:
+    """A table of the CPU each process used while the backlog drained, as the kernel counted it."""
+    total = sum(cpu_used.values())
+    lines = [
+        "### CPU by process",
+        "",
+        (f"User + system CPU time from psutil (redis-server: `INFO cpu`) between the start of sampling and the"
+         f" last task recorded, {seconds:.1f} s. py-spy's own CPU is not included. Total: {total:.2f} s, or"
+         f" {1000 * total / count:.3f} ms per task."),
+        "",
+        "| Process | CPU s | ms per task | Share of one core |",
+        "|---|---:|---:|---:|",
+    ]  # fmt: skip
+    for role, used in sorted(cpu_used.items(), key=lambda item: -item[1]):
+        lines.append(f"| {role} | {used:.2f} | {1000 * used / count:.3f} | {100 * used / seconds:.0f} % |")
+    return lines + [""]
+
+
+def commands_markdown(command_stats: dict, count: int) -> list[str]:
+    """A table of the Redis commands run while the backlog drained (`INFO commandstats`)."""
+    rows = sorted(command_stats.items(), key=lambda item: -item[1]["usec"])
+    lines = [
+        "### Redis commands",
+        "",
+        ("From `INFO commandstats`, reset when sampling started. Commands that scripts run are counted both on"
+         " their own and in the time of the `evalsha` that ran them. The harness's own polling is included."),
+        "",
+        "| Command | Calls per task | Total µs per task | µs per call |",
+        "|---|---:|---:|---:|",
+    ]  # fmt: skip
+    for name, stats in rows[:TOP_FRAMES]:
+        lines.append(f"| {name.removeprefix('cmdstat_')} | {stats['calls'] / count:.2f} | {stats['usec'] / count:.1f} |"
+                     f" {stats['usec_per_call']:.2f} |")
+    return lines + [""]
+
+
 def summary_markdown(role: str, path: str, seconds: float) -> list[str]:
     stacks = read_collapsed(path)
     total, own, inclusive = top_frames(stacks)
@@ -133,7 +177,10 @@ def profile_taskvisor(server: PrivateRedis, context: RunContext, count: int, out
     running = system.start(context)
     recorders: dict[str, subprocess.Popen] = {}
     try:
-        processes = wait_for_processes(os.path.join(REPO_DIR, running.log_path), expected=5, timeout=15)
+        processes = wait_for_processes(os.path.join(REPO_DIR, running.log_path), expected=6, timeout=15)
+        cpu_before = {role: process_cpu_seconds(pid) for role, pid in processes.items()}
+        redis_cpu_before = server.cpu_seconds()
+        server.client.config_resetstat()
         begin = time.perf_counter()
         for role, pid in processes.items():
             path = os.path.join(output_dir, f"{role.replace(':', '-')}.txt")
@@ -152,6 +199,9 @@ def profile_taskvisor(server: PrivateRedis, context: RunContext, count: int, out
         while done is not None and not system.all_recorded(context, count):
             time.sleep(0.01)
         seconds = time.perf_counter() - begin
+        cpu_used = {role: process_cpu_seconds(pid) - cpu_before[role] for role, pid in processes.items()}
+        cpu_used["redis-server"] = server.cpu_seconds() - redis_cpu_before
+        command_stats = server.client.info("commandstats")
     finally:
         for recorder in recorders.values():
             recorder.send_signal(signal.SIGINT)
@@ -173,6 +223,8 @@ def profile_taskvisor(server: PrivateRedis, context: RunContext, count: int, out
         f"- Raw collapsed stacks and one dump per process: {os.path.relpath(output_dir, REPO_DIR)}",
         "",
     ]  # fmt: skip
+    lines += cpu_markdown(cpu_used, count, seconds)
+    lines += commands_markdown(command_stats, count)
     for role in sorted(recorders):
         lines += summary_markdown(role, os.path.join(output_dir, f"{role.replace(':', '-')}.txt"), seconds)
     text = "\n".join(lines).rstrip() + "\n"
