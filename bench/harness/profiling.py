@@ -99,13 +99,13 @@ def top_frames(stacks: list[tuple[list[str], int]]) -> tuple[int, list[tuple[str
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds that process `pid` has used so far (its threads included)."""
+    """Return the user + system CPU seconds that process `pid` has used so far, its threads included."""
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
 
 
 def cpu_markdown(cpu_used: dict[str, float], count: int, seconds: float) -> list[str]:
-    """A table of the CPU each process used while the backlog drained, as the kernel counted it."""
+    """Return a Markdown table of the CPU that each process used while the backlog drained."""
     total = sum(cpu_used.values())
     lines = [
         "### CPU by process",
@@ -123,7 +123,7 @@ def cpu_markdown(cpu_used: dict[str, float], count: int, seconds: float) -> list
 
 
 def commands_markdown(command_stats: dict, count: int) -> list[str]:
-    """A table of the Redis commands run while the backlog drained (`INFO commandstats`)."""
+    """Return a Markdown table of the Redis commands run while the backlog drained (`INFO commandstats`)."""
     rows = sorted(command_stats.items(), key=lambda item: -item[1]["usec"])
     lines = [
         "### Redis commands",
