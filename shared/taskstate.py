@@ -14,6 +14,7 @@ import redis
 
 from shared.keys import WORKER_GROUP, Keys
 from shared.redaction import Redactor
+from shared.redis_client import is_cluster
 from shared.schema import INSTANCE_ID_PATTERN, TASK_ID_PATTERN, USER_ID_PATTERN, TaskSpec, known_task_id
 from shared.states import (
     TERMINAL_STATUSES,
@@ -36,7 +37,11 @@ SCRIPT_NAMES = (
 
 
 # Function files that a script needs besides common.lua.
-SCRIPT_LIBRARIES = {"start": ("start_task",), "take": ("start_task",)}
+SCRIPT_LIBRARIES = {
+    "start": ("start_task",),
+    "take": ("start_task", "take_entry"),
+    "finish": ("start_task", "take_entry"),
+}
 
 
 def _script_source(name: str) -> str:
@@ -80,14 +85,21 @@ class FinishResult:
 
     `outcome` is "ok", "missing", "fenced" or "illegal" (with `current`, the status the
     task has). `handed_over` is the (entry id, fields) of the instance's next task when
-    it was handed to the finishing worker.
+    it was handed to the finishing worker. `taken` is (entry id, fields, start result or
+    None) when the script took the stream's next new entry for the worker instead.
     """
 
     def __init__(self, reply: list) -> None:
         self.outcome = _text(reply[0])
         self.current = ""
         self.handed_over: tuple[str, dict] | None = None
-        if self.outcome == "ok" and len(reply) == 3:
+        self.taken: tuple[str, dict, StartResult | None] | None = None
+        if self.outcome == "taken":
+            self.outcome = "ok"
+            flat = reply[2]
+            started = StartResult(reply[3:]) if len(reply) > 3 else None
+            self.taken = (_text(reply[1]), {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}, started)
+        elif self.outcome == "ok" and len(reply) == 3:
             flat = reply[2]
             self.handed_over = (_text(reply[1]), {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)})
         elif len(reply) > 1:
@@ -104,6 +116,9 @@ class TaskState:
         self.dead_max_len = dead_max_len
         self.redactor = redactor
         self.scripts = {name: client.register_script(_script_source(name)) for name in SCRIPT_NAMES}
+        # On one Redis server a script may also write the task index, which is in another
+        # hash slot, so a worker reserves a task's id and registers the task in one step.
+        self.one_server = not is_cluster(client)
 
     def public_fields(self, spec: TaskSpec, timeout: float) -> list[str]:
         """Field/value pairs stored for a new task; `data` is redacted here."""
@@ -166,7 +181,9 @@ class TaskState:
             client=pipe,
         )
 
-    def take(self, provider: str, consumer: str, start_arguments: str = "") -> tuple[str, dict, StartResult | None] | str:
+    def take(
+        self, provider: str, consumer: str, start_arguments: list[str] | None = None
+    ) -> tuple[str, dict, StartResult | None] | str:
         """Deliver the next new entry to `consumer`, queueing it behind its instance's earlier ones.
 
         With `start_arguments` (from `start_arguments`), a registered task is also started
@@ -175,7 +192,7 @@ class TaskState:
         """
         reply = self.scripts["take"](
             keys=[self.keys.tasks(provider)],
-            args=[WORKER_GROUP, consumer, self.keys.instance_queue_prefix(provider), start_arguments],
+            args=[WORKER_GROUP, consumer, self.keys.instance_queue_prefix(provider), *(start_arguments or ())],
         )
         if _text(reply[0]) == "none":
             return _text(reply[1])
@@ -186,21 +203,21 @@ class TaskState:
 
     def start_arguments(
         self, provider: str, owner: str, lease_ms: int, actions: dict[str, str], poison_runs: int, limit: int
-    ) -> str:
-        """Return the JSON that lets `take` start registered tasks; `actions` maps type to on-interrupt action."""
-        types = {
-            str(task_type): [
-                instance_rule_while_running(task_type), instance_rule_after(task_type, TaskStatus.CANCELLED),
-                instance_rule_given_up(task_type), actions[str(task_type)],
-            ]
-            for task_type in TaskType
-        }  # fmt: skip
+    ) -> list[str]:
+        """Return the arguments that let `take` and `finish` start registered tasks (see take_entry.lua).
+
+        `actions` maps each task type to its on-interrupt action.
+        """
         task_key = self.keys.task(provider, "")
-        return orjson.dumps({
-            "prefix": task_key[: -len("task:")], "provider": provider, "owner": owner, "lease_ms": lease_ms,
-            "maxlen": self.events_max_len, "poison": poison_runs, "limit": limit, "dead_maxlen": self.dead_max_len,
-            "types": types,
-        }).decode()  # fmt: skip
+        rules = "".join(
+            f";{task_type}={instance_rule_while_running(task_type)},{instance_rule_after(task_type, TaskStatus.CANCELLED)},"
+            f"{instance_rule_given_up(task_type)},{actions[str(task_type)]}"
+            for task_type in TaskType
+        )
+        return [
+            task_key[: -len("task:")], provider, owner, str(lease_ms), str(self.events_max_len), str(poison_runs),
+            str(limit), str(self.dead_max_len), rules,
+        ]  # fmt: skip
 
     def _task_keys(self, spec: TaskSpec) -> list[str]:
         provider = spec.provider
@@ -228,7 +245,10 @@ class TaskState:
         """Try to move the task to running for `owner`.
 
         With `registered_only`, a task not registered yet is not created here and
-        the reply is "unregistered": the caller must reserve its id with `claim_id` first.
+        the reply is "unregistered". Otherwise a task not registered yet is created: on a
+        Redis Cluster the caller must have reserved its id with `claim_id`, and on one
+        server the script reserves it (reply "duplicate" with `<provider> <entry>` of the
+        task that holds the id).
         `on_interrupt` says what happens when the task's previous run was interrupted
         ("rerun", "probe" or "fail"), `poison_runs` after how many runs lost with their
         worker the task is failed as poison, and `limit` how many tasks of the provider may
@@ -238,8 +258,11 @@ class TaskState:
         running_rule = instance_rule_while_running(spec.type)
         cancel_rule = instance_rule_after(spec.type, TaskStatus.CANCELLED)
         given_up_rule = instance_rule_given_up(spec.type)
+        keys = [*self._task_keys(spec), self.keys.dead(spec.provider), self.keys.limit(spec.provider)]
+        if self.one_server and not registered_only:
+            keys.append(self.keys.task_index())
         reply = self.scripts["start"](
-            keys=[*self._task_keys(spec), self.keys.dead(spec.provider), self.keys.limit(spec.provider)],
+            keys=keys,
             args=[self.events_max_len, owner, lease_ms, running_rule, cancel_rule, WORKER_GROUP, spec.entry,
                   "registered" if registered_only else "", on_interrupt, poison_runs, limit, given_up_rule,
                   self.dead_max_len, *self.public_fields(spec, timeout)],
@@ -255,22 +278,26 @@ class TaskState:
         handoff_consumer: str = "",
         retry_due_ms: int | None = None,
         instance_rule: str | None = None,
+        start_arguments: list[str] | None = None,
     ) -> FinishResult:
         """Move an owned task to `status`, and hand the instance's next task to `handoff_consumer`.
 
         With `retry_due_ms` (a Unix time in milliseconds) the task goes back to pending
         and is scheduled for an automatic retry then. `instance_rule` replaces the
-        instance rule of `status` for this task type.
+        instance rule of `status` for this task type. With `start_arguments` (from
+        `start_arguments`) and no task of the instance to hand over, the stream's next new
+        entry is taken for `handoff_consumer` and its task started, as `take` does.
         """
         pairs: list[str] = []
         for name, value in fields.items():
             pairs += [name, value]
         rule = instance_rule or instance_rule_after(spec.type, status)
         cancel_rule = instance_rule_after(spec.type, TaskStatus.CANCELLED)
+        take = [self.keys.instance_queue_prefix(spec.provider), *start_arguments] if start_arguments else []
         reply = self.scripts["finish"](
             keys=[*self._task_keys(spec), self.keys.retries(spec.provider)],
             args=[self.events_max_len, owner, str(status), rule, cancel_rule, WORKER_GROUP, spec.entry,
-                  handoff_consumer, "" if retry_due_ms is None else str(retry_due_ms), *pairs],
+                  handoff_consumer, "" if retry_due_ms is None else str(retry_due_ms), len(take), *take, *pairs],
         )  # fmt: skip
         result = FinishResult(reply)
         if result.outcome != "ok":

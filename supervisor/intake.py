@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 500
 READ_COUNT = 500
+# After a read that returned fewer than READ_COUNT entries, seconds to wait before the
+# next one, so that entries arriving at a high rate are registered in batches of one
+# pipeline each. A task registered this much later is still pending within a second.
+BATCH_PAUSE_SECONDS = 0.02
 # Seconds an intake on a Redis Cluster waits after a pass that found no new entry.
 CLUSTER_IDLE_SECONDS = 0.1
 
@@ -70,9 +74,11 @@ class Intake:
                     self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                     self.pubsub.subscribe(self.keys.cancel_channel())
                 self.apply_cancel_notices()
-                self.pass_once()
+                read = self.pass_once()
                 self.reconciler.run_due(self.config.providers)
                 backoff = 0.5
+                if 0 < read < READ_COUNT:
+                    time.sleep(BATCH_PAUSE_SECONDS)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable in intake retry_in=%.1fs error=%s", backoff, exc)
                 self.pubsub = None
@@ -111,10 +117,12 @@ class Intake:
             time.sleep(CLUSTER_IDLE_SECONDS)
         return reply
 
-    def pass_once(self) -> None:
+    def pass_once(self) -> int:
+        """Register the entries of one read; returns the largest number of entries read from one stream."""
         reply = self.read_streams()
         if not reply:
-            return
+            return 0
+        read = max(len(items) for _stream, items in reply)
         valid: list[tuple[TaskSpec, float]] = []
         for stream_name, items in reply:
             stream = stream_name.decode() if isinstance(stream_name, bytes) else stream_name
@@ -135,7 +143,7 @@ class Intake:
         claimed = self.state.claim_ids([spec for spec, _timeout in valid])
         admitted = [(spec, timeout) for (spec, timeout), ok in zip(valid, claimed, strict=True) if ok]
         if not admitted:
-            return
+            return read
         try:
             statuses = self.admit_all(admitted)
         except redis.exceptions.NoScriptError:
@@ -151,6 +159,7 @@ class Intake:
             if status in (b"cancel_requested", "cancel_requested"):
                 reply = self.state.cancel(provider, task_id, stored=True)
                 log.info("stored cancel request applied task_id=%s provider=%s reply=%s", task_id, provider, reply[0])
+        return read
 
     def admit_all(self, admitted: list[tuple[TaskSpec, float]]) -> list:
         """Register the tasks as pending in one pipeline and return the admit script's replies."""

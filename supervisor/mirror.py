@@ -31,6 +31,10 @@ READ_BLOCK_MS = 200
 # Seconds between two looks for event streams of providers the config does not list.
 STREAM_REFRESH_SECONDS = 5.0
 IDLE_SLEEP_SECONDS = 0.2
+# After a batch smaller than READ_COUNT, seconds to wait before the next read, so that
+# events gather into larger batches: one read, one transaction and one XACK then cover
+# many events. It adds at most this much to the time an event takes to reach SQL.
+BATCH_PAUSE_SECONDS = 0.05
 # Seconds a mirror on a Redis Cluster waits after a pass that found no new event.
 CLUSTER_IDLE_SECONDS = 0.1
 # Seconds between two trims of the event streams.
@@ -48,40 +52,27 @@ def event_position(entry_id: str) -> int:
 
 
 def records_from_events(events: list[tuple[str, dict]]) -> tuple[list[TaskRecord], list[InstanceRecord]]:
-    """Build the newest task and instance rows from a batch of (entry id, fields) events."""
+    """Build the newest task and instance rows from a batch of (entry id, fields) events.
+
+    The events are in stream order and their fields are bytes, as Redis returns them. Only
+    the newest event of each task and the newest instance change of each instance are
+    decoded, so a batch that contains every state of its tasks costs one decode per task.
+    """
     tasks: dict[str, TaskRecord] = {}
     instances: dict[tuple[str, str], InstanceRecord] = {}
-    for entry_id, raw in events:
+    for entry_id, raw in reversed(events):
+        task_id = _text(raw.get(b"id", b""))
+        newest_of_task = bool(task_id) and task_id not in tasks
+        instance_change = raw.get(b"instance_changed") == b"1" and bool(raw.get(b"instance"))
+        if not newest_of_task and not instance_change:
+            continue
         fields = {_text(name): _text(value) for name, value in raw.items()}
-        version = int(fields.get("version", "0"))
-        task_id = fields.get("id", "")
-        known = tasks.get(task_id)
-        if task_id and (known is None or version > known.version):
-            tasks[task_id] = TaskRecord(
-                id=task_id,
-                provider_id=fields.get("provider", ""),
-                instance_id=fields.get("instance") or None,
-                user_id=fields.get("user", ""),
-                task_type=fields.get("type", ""),
-                status=fields.get("status", ""),
-                progress=float(fields.get("progress") or 0),
-                status_message=fields.get("message", ""),
-                error_message=fields.get("error", ""),
-                task_data=fields.get("data") or "{}",
-                result=fields.get("result") or None,
-                timeout_seconds=float(fields.get("timeout") or 0),
-                attempts=int(fields.get("attempts") or 0),
-                version=version,
-                created_at=float(fields.get("created_at") or 0),
-                started_at=_float_or_none(fields.get("started_at", "")),
-                completed_at=_float_or_none(fields.get("completed_at", "")),
-                updated_at=float(fields.get("updated_at") or 0),
-            )
-        instance = fields.get("instance", "")
-        if fields.get("instance_changed") == "1" and instance:
-            key = (fields.get("provider", ""), instance)
+        if newest_of_task:
+            tasks[task_id] = task_record(task_id, fields)
+        key = (fields.get("provider", ""), fields.get("instance", ""))
+        if instance_change and key not in instances:
             instances[key] = InstanceRecord(
-                id=instance,
+                id=key[1],
                 provider_id=key[0],
                 status=fields.get("instance_status") or "unknown",
                 last_task_id=task_id,
@@ -89,6 +80,30 @@ def records_from_events(events: list[tuple[str, dict]]) -> tuple[list[TaskRecord
                 updated_at=float(fields.get("updated_at") or 0),
             )
     return list(tasks.values()), list(instances.values())
+
+
+def task_record(task_id: str, fields: dict[str, str]) -> TaskRecord:
+    """Build a task row from the decoded fields of one event."""
+    return TaskRecord(
+        id=task_id,
+        provider_id=fields.get("provider", ""),
+        instance_id=fields.get("instance") or None,
+        user_id=fields.get("user", ""),
+        task_type=fields.get("type", ""),
+        status=fields.get("status", ""),
+        progress=float(fields.get("progress") or 0),
+        status_message=fields.get("message", ""),
+        error_message=fields.get("error", ""),
+        task_data=fields.get("data") or "{}",
+        result=fields.get("result") or None,
+        timeout_seconds=float(fields.get("timeout") or 0),
+        attempts=int(fields.get("attempts") or 0),
+        version=int(fields.get("version", "0")),
+        created_at=float(fields.get("created_at") or 0),
+        started_at=_float_or_none(fields.get("started_at", "")),
+        completed_at=_float_or_none(fields.get("completed_at", "")),
+        updated_at=float(fields.get("updated_at") or 0),
+    )
 
 
 class Mirror:
@@ -171,6 +186,8 @@ class Mirror:
                 own_pending = False
             elif count == 0 and self.stopping:
                 break
+            elif 0 < count < READ_COUNT and not own_pending and not self.stopping:
+                time.sleep(BATCH_PAUSE_SECONDS)
         if self.store is not None:
             self.store.close()
         log.info("mirror stopped rows_written=%d pid=%d", self.written, os.getpid())

@@ -146,15 +146,19 @@ def test_failure_sets_instance_status(sqlite_url, redis_server, start_supervisor
     assert failed["error"] == "command exited with status 7: disk image missing for vm-1"
     assert client.hget("taskvisor:{p}:instances", "vm-1").decode() == expected
 
-    def instance_row():
+    def sql_rows():
         store = open_store(sqlite_url)
         try:
-            return store.get_instance("p", "vm-1")
+            return store.get_task("fail") or {}, store.get_instance("p", "vm-1") or {}
         finally:
             store.close()
 
-    wait_for(lambda: (instance_row() or {}).get("last_task_id") == "fail", 5, "the instance row of the failed task")
-    assert instance_row()["status"] == expected
+    # The instance change is in the same event as the task's end, so the mirror writes
+    # both in one transaction.
+    wait_for(lambda: sql_rows()[0].get("status") == "failed", 5, "the failed task's row")
+    instance_row = sql_rows()[1]
+    assert instance_row["last_task_id"] == "fail"
+    assert instance_row["status"] == expected
 
 
 INVALID_ENTRIES = [

@@ -224,3 +224,99 @@ def test_cancelling_task_of_dead_worker_ends_cancelled(client):
     assert state.read("p", "d1")["status"] == "cancelled"
     assert client.hget(KEYS.instances("p"), "vm-1") == b"stopped"
     assert client.xlen(KEYS.tasks("p")) == 0
+
+
+def worker_start_arguments(state: TaskState, provider: str, owner: str) -> list[str]:
+    actions = {task_type: "rerun" for task_type in ("create", "start", "stop", "restart", "delete", "reset", "reset-password")}
+    return state.start_arguments(provider, owner, 5000, actions, 3, -1)
+
+
+def test_finish_takes_and_starts_next(client):
+    state = make_state(client)
+    first = push(client, "p", id="n1", type="start", instance="vm-1", user="u")
+    entry_id = client.xadd(KEYS.tasks("p"), {"id": "n2", "type": "stop", "instance": "vm-2", "user": "u"}).decode()
+    second = parse_entry("p", entry_id, {"id": "n2", "type": "stop", "instance": "vm-2", "user": "u"})
+    state.admit(first, 300)
+    state.admit(second, 300)
+    assert state.start(first, 300, "w1", 5000).outcome == "ok"
+
+    finished = state.finish(first, "w1", TaskStatus.COMPLETED, {}, "c1", start_arguments=worker_start_arguments(state, "p", "w1"))
+    assert finished.outcome == "ok"
+    assert finished.handed_over is None
+    taken_entry, taken_fields, started = finished.taken
+    assert taken_entry == entry_id
+    assert taken_fields[b"id"] == b"n2"
+    assert started.outcome == "ok"
+    assert client.hget(KEYS.task("p", "n2"), "status") == b"running"
+    assert client.hget(KEYS.task("p", "n2"), "owner") == b"w1"
+    assert client.hget(KEYS.instances("p"), "vm-2") == b"stopping"
+    pending = client.xpending_range(KEYS.tasks("p"), WORKER_GROUP, min=entry_id, max=entry_id, count=1)
+    assert pending[0]["consumer"] == b"c1"
+
+
+def test_finish_takes_unregistered_entry(client):
+    state = make_state(client)
+    first = push(client, "p", id="u1", type="start", instance="vm-1", user="u")
+    entry_id = client.xadd(KEYS.tasks("p"), {"id": "u2", "type": "start", "instance": "vm-2", "user": "u"}).decode()
+    state.admit(first, 300)
+    assert state.start(first, 300, "w1", 5000).outcome == "ok"
+
+    finished = state.finish(first, "w1", TaskStatus.COMPLETED, {}, "c1", start_arguments=worker_start_arguments(state, "p", "w1"))
+    assert finished.taken[0] == entry_id
+    assert finished.taken[2].outcome == "unregistered"
+    assert client.exists(KEYS.task("p", "u2")) == 0
+
+
+def test_finish_without_arguments_takes_nothing(client):
+    state = make_state(client)
+    first = push(client, "p", id="o1", type="start", instance="vm-1", user="u")
+    client.xadd(KEYS.tasks("p"), {"id": "o2", "type": "start", "instance": "vm-2", "user": "u"})
+    state.admit(first, 300)
+    assert state.start(first, 300, "w1", 5000).outcome == "ok"
+
+    finished = state.finish(first, "w1", TaskStatus.COMPLETED, {}, "c1")
+    assert finished.taken is None
+    assert client.xpending(KEYS.tasks("p"), WORKER_GROUP)["pending"] == 0
+
+
+def test_finish_hands_over_before_taking(client):
+    state = make_state(client)
+    first = push(client, "p", id="h1", type="stop", instance="vm-1", user="u")
+    second = push(client, "p", id="h2", type="start", instance="vm-1", user="u")
+    client.xadd(KEYS.tasks("p"), {"id": "h3", "type": "start", "instance": "vm-3", "user": "u"})
+    assert state.start(first, 300, "w1", 5000).outcome == "ok"
+
+    finished = state.finish(first, "w1", TaskStatus.COMPLETED, {}, "c1", start_arguments=worker_start_arguments(state, "p", "w1"))
+    assert finished.handed_over[0] == second.entry
+    assert finished.taken is None
+
+
+@pytest.mark.parametrize(
+    ("task_type", "instance_status"),
+    [("reset", b"resetting"), ("reset-password", b"running"), ("create", b"creating"), ("restart", b"restarting")],
+)
+def test_take_applies_type_rules(client, task_type, instance_status):
+    state = make_state(client)
+    client.hset(KEYS.instances("p"), "vm-1", "running")
+    stream = KEYS.tasks("p")
+    ensure_group(client, stream, WORKER_GROUP)
+    fields = {"id": "r1", "type": task_type, "instance": "vm-1", "user": "u"}
+    entry_id = client.xadd(stream, fields).decode()
+    state.admit(parse_entry("p", entry_id, fields), 300)
+
+    taken = state.take("p", "c1", worker_start_arguments(state, "p", "w1"))
+    assert taken[2].outcome == "ok"
+    assert client.hget(KEYS.instances("p"), "vm-1") == instance_status
+
+
+def test_start_reserves_id_on_one_server(client):
+    state = make_state(client)
+    first = push(client, "p", id="same", type="start", instance="vm-1", user="u")
+    second = push(client, "q", id="same", type="delete", instance="vm-9", user="u")
+    assert state.start(first, 300, "w1", 5000).outcome == "ok"
+
+    started = state.start(second, 300, "w2", 5000)
+    assert started.outcome == "duplicate"
+    assert started.detail == f"p {first.entry}"
+    assert client.exists(KEYS.task("q", "same")) == 0
+    assert state.locate("same") == "p"

@@ -81,6 +81,11 @@ class Worker:
         self.current = CurrentTask()
         self.parent_pid = os.getppid()
         self.tasks_done = 0
+        # An entry that the end of the last task took for this worker: (entry id, fields, start result or None).
+        self.taken_at_finish: tuple[str, dict, StartResult | None] | None = None
+        self.next_own_check = 0.0
+        self.next_retry_check = 0.0
+        self.next_abandoned_check = 0.0
         # Until this monotonic time the provider was last seen at its concurrency limit.
         self.full_until = 0.0
         # Set by `record` when the run just recorded gets an automatic retry, for the log line.
@@ -141,6 +146,12 @@ class Worker:
         log.info("worker started provider=%s consumer=%s pid=%d", self.provider, self.consumer, os.getpid())
 
         code = self.loop()
+        if self.taken_at_finish is not None and code != EXIT_DRIVER_STUCK:
+            # Taken and started just before the loop ended (a SIGTERM, a recycling
+            # limit): it runs to its end like any current task.
+            taken, self.taken_at_finish = self.taken_at_finish, None
+            if self.run_taken(*taken) == EXIT_DRIVER_STUCK:
+                code = EXIT_DRIVER_STUCK
         self.driver.close()
         log.info("worker stopped provider=%s pid=%d tasks_done=%d", self.provider, os.getpid(), self.tasks_done)
         return code
@@ -148,9 +159,9 @@ class Worker:
     # -- main loop --------------------------------------------------------------
 
     def loop(self) -> int:
-        next_own_check = 0.0
-        next_retry_check = 0.0
-        next_abandoned_check = time.monotonic() + self.config.supervisor.lease_seconds / 2
+        self.next_own_check = 0.0
+        self.next_retry_check = 0.0
+        self.next_abandoned_check = time.monotonic() + self.config.supervisor.lease_seconds / 2
         backoff = 0.5
         checked_tasks = 0
         while not self.stopping:
@@ -163,24 +174,30 @@ class Worker:
                 log.warning("supervisor is gone; worker exits provider=%s pid=%d", self.provider, os.getpid())
                 break
             try:
-                if time.monotonic() >= next_abandoned_check:
-                    next_abandoned_check = time.monotonic() + self.config.supervisor.lease_seconds / 2
+                if self.taken_at_finish is not None:
+                    # Started by the end of a task run from the checks below.
+                    taken, self.taken_at_finish = self.taken_at_finish, None
+                    if self.run_taken(*taken) == EXIT_DRIVER_STUCK:
+                        return EXIT_DRIVER_STUCK
+                    continue
+                if time.monotonic() >= self.next_abandoned_check:
+                    self.next_abandoned_check = time.monotonic() + self.config.supervisor.lease_seconds / 2
                     claimed = self.state.claim_abandoned(self.provider, self.consumer, self.lease_ms)
                     if claimed:
                         log.info("abandoned entries claimed provider=%s count=%d consumer=%s", self.provider, claimed, self.consumer)
-                        next_own_check = 0.0
-                if time.monotonic() >= next_own_check:
-                    next_own_check = time.monotonic() + OWN_ENTRIES_INTERVAL
+                        self.next_own_check = 0.0
+                if time.monotonic() >= self.next_own_check:
+                    self.next_own_check = time.monotonic() + OWN_ENTRIES_INTERVAL
                     for entry_id, fields in self.read_own_entries():
                         if self.stopping or self.run_entry(entry_id, fields) == EXIT_DRIVER_STUCK:
                             return EXIT_OK if self.stopping else EXIT_DRIVER_STUCK
                         if code := self.recycle_code():
                             return code
-                if time.monotonic() >= next_retry_check:
-                    next_retry_check = time.monotonic() + RETRY_CHECK_INTERVAL
+                if time.monotonic() >= self.next_retry_check:
+                    self.next_retry_check = time.monotonic() + RETRY_CHECK_INTERVAL
                     due = self.state.take_due_retry(self.provider, self.consumer)
                     if isinstance(due, tuple):
-                        next_retry_check = 0.0
+                        self.next_retry_check = 0.0
                         if self.run_entry(*due) == EXIT_DRIVER_STUCK:
                             return EXIT_DRIVER_STUCK
                         continue
@@ -188,7 +205,7 @@ class Worker:
                     # The provider is at its limit: take no new entries, which would only
                     # pile up undone here, and look at this consumer's own entries again soon.
                     time.sleep(FULL_PAUSE_SECONDS)
-                    next_own_check = min(next_own_check, self.full_until)
+                    self.next_own_check = min(self.next_own_check, self.full_until)
                     continue
                 taken = self.state.take(self.provider, self.consumer, self.start_arguments)
                 if isinstance(taken, str):
@@ -207,6 +224,20 @@ class Worker:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         return EXIT_OK
+
+    def may_take_next(self) -> bool:
+        """Return True when the end of the current task may take and start the next entry in the same step.
+
+        Not while the main loop has a check due (entries already delivered here, due
+        retries, abandoned entries), the provider is at its limit, or this worker is about
+        to recycle, because the loop must run those first.
+        """
+        now = time.monotonic()
+        if now >= min(self.next_own_check, self.next_retry_check, self.next_abandoned_check) or now < self.full_until:
+            return False
+        if self.max_tasks and self.tasks_done + 1 >= self.max_tasks:
+            return False
+        return not self.max_rss_bytes or self.process_handle.memory_info().rss <= self.max_rss_bytes
 
     def recycle_code(self) -> int:
         """Return the exit code that recycles this worker when it reached a limit, else 0.
@@ -244,7 +275,19 @@ class Worker:
         return entries
 
     def run_taken(self, entry_id: str, fields: dict, started: StartResult | None) -> int:
-        """Run an entry that `take` delivered, and started too when its task was registered."""
+        """Run an entry that `take` delivered, then each entry that the end of a task took next.
+
+        A task's end takes the stream's next entry for this worker only while no check of
+        the main loop is due (see `may_take_next`), so the loop still runs its checks on time.
+        """
+        code = self.run_one_taken(entry_id, fields, started)
+        while code == EXIT_OK and self.taken_at_finish is not None:
+            taken, self.taken_at_finish = self.taken_at_finish, None
+            code = self.run_one_taken(*taken)
+        return code
+
+    def run_one_taken(self, entry_id: str, fields: dict, started: StartResult | None) -> int:
+        """Run an entry delivered by `take` or by the end of the previous task, started too when registered."""
         if started is not None and started.outcome == "unregistered":
             # Taken before the intake registered it, the usual case at idle workers: the
             # worker registers it itself.
@@ -302,7 +345,9 @@ class Worker:
         else:
             started = self.start(spec, timeout, registered_only=True)
         if started.outcome == "unregistered":
-            first_owner = self.state.claim_id(spec)
+            # On one Redis server the start reserves the id itself and replies "duplicate"
+            # when another entry has it. On a cluster the index is in another slot.
+            first_owner = None if self.state.one_server else self.state.claim_id(spec)
             if first_owner is not None:
                 reason = f"duplicate task id '{spec.id}': already used by entry {first_owner}"
                 self.state.dead_letter(self.provider, entry_id, fields, reason)
@@ -441,10 +486,12 @@ class Worker:
             if instance:
                 fields["instance"] = instance
         handoff = "" if self.stopping or outcome.driver_stuck else self.consumer
+        take_next = self.start_arguments if handoff and self.may_take_next() else None
         delay = 0.5
         while True:
             try:
-                result = self.state.finish(spec, self.owner, status, fields, handoff, retry_due_ms, instance_rule)
+                result = self.state.finish(spec, self.owner, status, fields, handoff, retry_due_ms, instance_rule, take_next)
+                self.taken_at_finish = result.taken
                 return result.handed_over
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable while recording task_id=%s provider=%s retry_in=%.1fs error=%s", spec.id, self.provider, delay, exc)

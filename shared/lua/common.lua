@@ -14,19 +14,25 @@ local HISTORY_LENGTH = 100
 -- Append the task's full current state to its provider's event stream, and a short
 -- line to the task's history list.
 local function emit(task_key, events_key, maxlen, instance_status, instance_changed)
-  local state = redis.call('HMGET', task_key, 'status', 'progress', 'message', 'updated_at', 'attempts', 'owner',
-    'error')
+  local flat = redis.call('HGETALL', task_key)
+  local state = {}
+  for i = 1, #flat, 2 do
+    state[flat[i]] = flat[i + 1]
+  end
   -- A provider id contains no '}', so the first '}:task:' ends the hash tag.
   local history_key = string.gsub(task_key, '}:task:', '}:history:', 1)
-  local line = {at = state[4], status = state[1], progress = state[2], message = state[3], attempt = state[5]}
-  if state[1] == 'running' then
-    line.worker = state[6]
-  elseif state[7] and state[7] ~= '' and (TERMINAL[state[1]] or state[1] == 'pending') then
-    line.error = string.sub(state[7], 1, 500)
+  local status = state.status
+  local line = {at = state.updated_at, status = status, progress = state.progress, message = state.message,
+    attempt = state.attempts}
+  local error_text = state.error
+  if status == 'running' then
+    line.worker = state.owner
+  elseif error_text and error_text ~= '' and (TERMINAL[status] or status == 'pending') then
+    line.error = string.sub(error_text, 1, 500)
   end
-  redis.call('RPUSH', history_key, cjson.encode(line))
-  redis.call('LTRIM', history_key, -HISTORY_LENGTH, -1)
-  local flat = redis.call('HGETALL', task_key)
+  if redis.call('RPUSH', history_key, cjson.encode(line)) > HISTORY_LENGTH then
+    redis.call('LTRIM', history_key, -HISTORY_LENGTH, -1)
+  end
   flat[#flat + 1] = 'instance_status'
   flat[#flat + 1] = instance_status or ''
   flat[#flat + 1] = 'instance_changed'
@@ -38,16 +44,16 @@ local function emit(task_key, events_key, maxlen, instance_status, instance_chan
   return redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, '*', unpack(flat))
 end
 
--- Create the task hash in state pending from field pairs in ARGV, starting at `first`.
-local function create_pending(task_key, events_key, maxlen, first)
+-- Create the task hash in state pending from the field/value pairs of `args`, starting
+-- at index `first`.
+local function create_pending(task_key, events_key, maxlen, args, first)
   local t = now()
-  local fields = {}
-  for i = first, #ARGV do
-    fields[#fields + 1] = ARGV[i]
+  local fields = {'status', 'pending', 'progress', '0', 'message', '', 'error', '', 'result', '', 'attempts', '0',
+    'owner', '', 'version', '1', 'created_at', t, 'updated_at', t, 'started_at', '', 'completed_at', ''}
+  for i = first, #args do
+    fields[#fields + 1] = args[i]
   end
-  redis.call('HSET', task_key, 'status', 'pending', 'progress', '0', 'message', '', 'error', '',
-    'result', '', 'attempts', '0', 'owner', '', 'version', '1', 'created_at', t, 'updated_at', t,
-    'started_at', '', 'completed_at', '', unpack(fields))
+  redis.call('HSET', task_key, unpack(fields))
   emit(task_key, events_key, maxlen, nil, false)
 end
 
@@ -65,11 +71,16 @@ end
 
 -- Return the first entry of an instance queue that still waits in the task stream,
 -- dropping members whose entry is gone (a task that ended without reaching the queue's end).
-local function queue_head(queue_key, stream_key)
+-- `present`, when given, is an entry known to be in the stream, which needs no check.
+local function queue_head(queue_key, stream_key, present)
+  local present_member = present and queue_member(present)
   while true do
     local head = redis.call('ZRANGE', queue_key, 0, 0)[1]
     if not head then
       return nil
+    end
+    if head == present_member then
+      return present
     end
     local entry = entry_from_member(head)
     if #redis.call('XRANGE', stream_key, entry, entry) > 0 then

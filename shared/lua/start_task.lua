@@ -3,7 +3,10 @@
 -- keys and arguments it builds for the entry it just delivered.
 -- KEYS: task hash, event stream, instance hash, lease key, task stream, instance queue,
 --       busy hash, dead-letter stream, provider's limit key (its value, when set, replaces
---       the limit in ARGV).
+--       the limit in ARGV), and optionally the task index. With the index, the id of a
+--       task that is not registered yet is reserved there before the task is created.
+--       Only a caller whose keys are all on one server passes it, because the index is in
+--       another slot.
 -- ARGV: events maxlen, owner, lease ms, instance status while running (or 'keep'),
 --       instance rule after a cancel, consumer group, stream entry id, 'registered' to
 --       refuse a task that is not registered yet, what to do with an interrupted run
@@ -23,7 +26,9 @@
 --   {'finished', status}           it has ended; the entry is acknowledged here
 --   {'interrupted', status}        its interrupted run was given up, or it was poison
 --   {'cancel_requested'}           a stored cancel request must be applied first
---   {'duplicate', entry}           the id belongs to an earlier entry
+--   {'duplicate', entry}           the id belongs to an earlier entry (with the task index
+--                                  given and the id reserved by another task: that task's
+--                                  `<provider> <entry>`)
 --   {'unregistered'}               not registered yet, and ARGV 8 asked not to create it
 local function start_task(KEYS, ARGV)
   local task_key, events_key, instances_key, lease_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -40,17 +45,36 @@ local function start_task(KEYS, ARGV)
   -- Owners kept in the task's `workers` field, newest last.
   local WORKERS_KEPT = 20
 
-  local status = redis.call('HGET', task_key, 'status')
+  local known = redis.call('HMGET', task_key, 'status', 'entry', 'cancel_request_user', 'instance', 'retry_at',
+    'interrupted', 'workers', 'attempts', 'version', 'retries', 'id')
+  local status = known[1]
   if not status then
     -- Registering a task requires its id reserved in the task index first. That key is in
     -- another slot, so a caller that has not reserved the id requests a refusal here.
     if ARGV[8] == 'registered' then
       return {'unregistered'}
     end
-    create_pending(task_key, events_key, maxlen, FIRST_FIELD)
+    local index_key = KEYS[10]
+    if index_key then
+      local given = {}
+      for i = FIRST_FIELD, #ARGV - 1, 2 do
+        given[ARGV[i]] = ARGV[i + 1]
+      end
+      local task_id = given.id or ''
+      local reserver = (given.provider or '') .. ' ' .. entry
+      if redis.call('HSETNX', index_key, task_id, reserver) == 0 then
+        local current = redis.call('HGET', index_key, task_id)
+        if current and current ~= '' and current ~= reserver then
+          return {'duplicate', current}
+        end
+      end
+    end
+    create_pending(task_key, events_key, maxlen, ARGV, FIRST_FIELD)
+    known = redis.call('HMGET', task_key, 'status', 'entry', 'cancel_request_user', 'instance', 'retry_at',
+      'interrupted', 'workers', 'attempts', 'version', 'retries', 'id')
     status = 'pending'
   end
-  local first_entry = redis.call('HGET', task_key, 'entry')
+  local first_entry = known[2]
   if first_entry ~= entry then
     return {'duplicate', first_entry or ''}
   end
@@ -58,11 +82,11 @@ local function start_task(KEYS, ARGV)
     remove_entry(stream_key, group, entry, queue_key)
     return {'finished', status}
   end
-  if redis.call('HEXISTS', task_key, 'cancel_request_user') == 1 then
+  if known[3] then
     return {'cancel_requested'}
   end
 
-  local instance = redis.call('HGET', task_key, 'instance')
+  local instance = known[4] or ''
 
   -- End the task here, without a worker: acknowledge its entry and set the instance.
   local function end_here(new_status, rule, field_pairs)
@@ -104,11 +128,11 @@ local function start_task(KEYS, ARGV)
       end
     end
   elseif status == 'pending' then
-    local retry_at = redis.call('HGET', task_key, 'retry_at')
+    local retry_at = known[5]
     if retry_at and retry_at ~= '' and tonumber(retry_at) > tonumber(now()) then
       return {'delayed', retry_at}
     end
-    interrupted = redis.call('HGET', task_key, 'interrupted') == '1'
+    interrupted = known[6] == '1'
   end
   if not ALLOWED[status]['running'] then
     return {'finished', status}
@@ -116,7 +140,8 @@ local function start_task(KEYS, ARGV)
 
   if instance ~= '' then
     redis.call('ZADD', queue_key, 'NX', 0, queue_member(entry))
-    local head = queue_head(queue_key, stream_key)
+    -- The entry is in the stream: a task whose entry was removed has ended, and returned above.
+    local head = queue_head(queue_key, stream_key, entry)
     if head and head ~= entry then
       return {'wait', head}
     end
@@ -151,17 +176,19 @@ local function start_task(KEYS, ARGV)
 
   local t = now()
   local changed = false
+  local fields = {'status', 'running', 'owner', owner, 'started_at', t, 'updated_at', t, 'progress', '0',
+    'message', interrupted and 'resumed after an interrupted run' or ''}
   if instance ~= '' and running_rule ~= 'keep' then
     if status == 'pending' then
-      redis.call('HSET', task_key, 'instance_before', redis.call('HGET', instances_key, instance) or '')
+      fields[#fields + 1] = 'instance_before'
+      fields[#fields + 1] = redis.call('HGET', instances_key, instance) or ''
     end
     redis.call('HSET', instances_key, instance, running_rule)
     changed = true
   end
 
-  local workers = redis.call('HGET', task_key, 'workers') or ''
   local names = {}
-  for name in string.gmatch(workers, '[^,]+') do
+  for name in string.gmatch(known[7] or '', '[^,]+') do
     names[#names + 1] = name
   end
   names[#names + 1] = owner
@@ -169,16 +196,21 @@ local function start_task(KEYS, ARGV)
     table.remove(names, 1)
   end
 
-  local attempts = redis.call('HINCRBY', task_key, 'attempts', 1)
-  redis.call('HINCRBY', task_key, 'version', 1)
-  redis.call('HDEL', task_key, 'retry_at', 'interrupted')
-  redis.call('HSET', task_key, 'status', 'running', 'owner', owner, 'started_at', t,
-    'updated_at', t, 'progress', '0', 'message', interrupted and 'resumed after an interrupted run' or '',
-    'workers', table.concat(names, ','))
+  local attempts = (tonumber(known[8]) or 0) + 1
+  fields[#fields + 1] = 'workers'
+  fields[#fields + 1] = table.concat(names, ',')
+  fields[#fields + 1] = 'attempts'
+  fields[#fields + 1] = tostring(attempts)
+  fields[#fields + 1] = 'version'
+  fields[#fields + 1] = tostring((tonumber(known[9]) or 0) + 1)
+  if known[5] or known[6] then
+    redis.call('HDEL', task_key, 'retry_at', 'interrupted')
+  end
+  redis.call('HSET', task_key, unpack(fields))
   redis.call('SET', lease_key, owner, 'PX', lease_ms)
-  redis.call('HSET', busy_key, owner, redis.call('HGET', task_key, 'id') .. ' ' .. t)
+  redis.call('HSET', busy_key, owner, (known[11] or '') .. ' ' .. t)
   emit(task_key, events_key, maxlen, instance_status(instances_key, instance), changed)
-  local retries = redis.call('HGET', task_key, 'retries') or '0'
+  local retries = known[10] or '0'
   if interrupted and on_interrupt == 'probe' then
     return {'probe', attempts, retries}
   end
