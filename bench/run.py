@@ -10,10 +10,13 @@ It starts one redis-server on a free 127.0.0.1 port (no persistence), installs t
 peers into bench/.venv-peers and bench/.venv-arq when their requirements changed, runs
 the throughput and latency measurements, interleaving the systems in every round,
 and writes bench/results/<name>.md and .json. docs/benchmarks.md explains the numbers.
-With --measure it runs the cancel, resize and memory measurements as well or instead.
+With --measure it runs the cancel, resize, memory and scale measurements as well or
+instead. When a throughput run includes the taskvisor-mariadb row, it also starts a
+private MariaDB server on a free 127.0.0.1 port.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -27,17 +30,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import environment, report
 from harness.cancel import measure_cancel
 from harness.environment import BENCH_DIR, REPO_DIR
+from harness.mariadb_server import PrivateMariadb
 from harness.measure import measure_latency, measure_throughput
 from harness.memory import measure_memory
 from harness.redis_server import PrivateRedis
 from harness.resize import measure_resize
+from harness.scale import SCALE_SYSTEMS, measure_scale
 from harness.systems import SYSTEMS, RunContext
 
 QUICK = {"tasks": 2_000, "rq_fork_tasks": 500, "runs": 2, "latency_tasks": 300, "deadline": 120.0,
-         "cancel_repetitions": 20, "resize_repetitions": 3, "memory_providers": 10}  # fmt: skip
+         "cancel_repetitions": 20, "resize_repetitions": 3, "memory_providers": 10,
+         "concurrency": [2], "scale_tasks": [2_000, 20_000]}  # fmt: skip
 FULL = {"tasks": 20_000, "rq_fork_tasks": 20_000, "runs": 3, "latency_tasks": 2_000, "deadline": 1200.0,
-        "cancel_repetitions": 50, "resize_repetitions": 5, "memory_providers": 100}  # fmt: skip
-MEASUREMENTS = ("throughput", "latency", "cancel", "resize", "memory")
+        "cancel_repetitions": 50, "resize_repetitions": 5, "memory_providers": 100,
+        "concurrency": [2, 16], "scale_tasks": [2_000, 20_000, 200_000]}  # fmt: skip
+MEASUREMENTS = ("throughput", "latency", "cancel", "resize", "memory", "scale")
+# The systems that have no latency row: rq-fork differs from rq-simple only in the fork per
+# job, and taskvisor-mariadb from taskvisor only in the mirror, which a task's start does not wait for.
+NO_LATENCY_ROW = ("rq-fork", "taskvisor-mariadb")
 # Seconds that the last paced task may take to finish after the producer sent it.
 LATENCY_DEADLINE_SECONDS = 30.0
 # The resize measurement's backlog: tasks, and seconds that each task runs.
@@ -55,7 +65,13 @@ def parse_arguments() -> argparse.Namespace:
                         help=f"systems to run, comma-separated, from: {', '.join(SYSTEMS)} [default: all]")
     parser.add_argument("--measure", default="throughput,latency", metavar="KIND,...",
                         help="measurements to run, comma-separated, from: throughput, latency, cancel, resize,"
-                             " memory [default: throughput,latency]")
+                             " memory, scale [default: throughput,latency]")
+    parser.add_argument("--concurrency", metavar="N,...",
+                        help="total concurrencies of the throughput runs, comma-separated, one table each"
+                             " [default: 2 quick, 2,16 full]")
+    parser.add_argument("--scale-tasks", metavar="N,...",
+                        help="backlog sizes of the scale measurement, comma-separated"
+                             " [default: 2000,20000 quick, 2000,20000,200000 full]")
     parser.add_argument("--runs", type=int, help="runs of each measurement [default: 2 quick, 3 full]")
     parser.add_argument("--tasks", type=int, help="backlog size of the throughput runs [default: 2,000 quick, 20,000 full]")
     parser.add_argument("--latency-tasks", type=int, help="tasks of a latency run [default: 300 quick, 2,000 full]")
@@ -89,7 +105,20 @@ def parse_arguments() -> argparse.Namespace:
         value = getattr(arguments, option)
         if value is not None and value < 1:
             parser.error(f"invalid --{option.replace('_', '-')} value {value}: expected 1 or more")
+    arguments.concurrencies = parse_counts(parser, "--concurrency", arguments.concurrency) if arguments.concurrency else None
+    arguments.scale_counts = parse_counts(parser, "--scale-tasks", arguments.scale_tasks) if arguments.scale_tasks else None
     return arguments
+
+
+def parse_counts(parser: argparse.ArgumentParser, option: str, text: str) -> list[int]:
+    """Parse a comma-separated list of whole numbers of 1 or more, without repeats, in the given order."""
+    values: list[int] = []
+    for item in text.split(","):
+        if not item.strip().isdigit() or int(item) < 1:
+            parser.error(f"invalid {option} value {text!r}: expected whole numbers of 1 or more, comma-separated")
+        if int(item) not in values:
+            values.append(int(item))
+    return values
 
 
 def command_text() -> str:
@@ -118,6 +147,8 @@ def settings_for(arguments: argparse.Namespace) -> dict:
         "resize_tasks": RESIZE_TASKS,
         "resize_task_seconds": RESIZE_TASK_SECONDS,
         "memory_providers": arguments.memory_providers or defaults["memory_providers"],
+        "concurrency": arguments.concurrencies or defaults["concurrency"],
+        "scale_tasks": arguments.scale_counts or defaults["scale_tasks"],
     }
 
 
@@ -125,28 +156,40 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_benchmarks(server: PrivateRedis, scratch: str, taskvisor_dir: str, settings: dict) -> dict:
+def needs_mariadb(settings: dict) -> bool:
+    return "throughput" in settings["measurements"] and "taskvisor-mariadb" in settings["systems"]
+
+
+def run_benchmarks(server: PrivateRedis, mariadb: PrivateMariadb | None, scratch: str, taskvisor_dir: str,
+                   settings: dict) -> dict:  # fmt: skip
     """Run every selected measurement, rounds outermost, so that load changes hit all systems alike."""
     results: dict = {}
-    context = RunContext(server.url, scratch, taskvisor_dir)
+    context = RunContext(server.url, scratch, taskvisor_dir, mariadb=mariadb)
     if "throughput" in settings["measurements"]:
-        results["throughput"] = {}
+        # One table per concurrency, keyed by the concurrency as text (JSON keys are strings).
+        results["throughput"] = {str(concurrency): {} for concurrency in settings["concurrency"]}
         for round_number in range(1, settings["runs"] + 1):
-            for name in settings["systems"]:
-                system = SYSTEMS[name]
-                count = settings["rq_fork_tasks"] if name == "rq-fork" else settings["tasks"]
-                summary = results["throughput"].setdefault(
-                    name, {"tasks": count, "description": system.description, "runs": []})
-                context.label = f"throughput-{round_number}"
-                run = measure_throughput(server, system, context, count, settings["deadline_seconds"])
-                summary["runs"].append(run)
-                progress(f"throughput {name} run {round_number}: {run.get('tasks_per_second', run.get('error'))} tasks/s"
-                         f" load={run['load_average_before'][0]}")  # fmt: skip
+            for concurrency in settings["concurrency"]:
+                table = results["throughput"][str(concurrency)]
+                throughput_context = dataclasses.replace(context, concurrency=concurrency,
+                                                         label=f"throughput-c{concurrency}-{round_number}")  # fmt: skip
+                for name in settings["systems"]:
+                    system = SYSTEMS[name]
+                    count = settings["rq_fork_tasks"] if name == "rq-fork" else settings["tasks"]
+                    summary = table.setdefault(name, {"tasks": count, "concurrency": concurrency,
+                                                      "description": system.describe(concurrency), "runs": []})  # fmt: skip
+                    run = measure_throughput(server, system, throughput_context, count, settings["deadline_seconds"])
+                    summary["runs"].append(run)
+                    lag = run.get("mirror", {}).get("lag_max_seconds")
+                    progress(f"throughput c{concurrency} {name} run {round_number}:"
+                             f" {run.get('tasks_per_second', run.get('error'))} tasks/s"
+                             + (f" mirror lag max {lag} s" if lag is not None else "")
+                             + f" load={run['load_average_before'][0]}")  # fmt: skip
     if "latency" in settings["measurements"]:
         results["latency"] = {}
         for round_number in range(1, settings["runs"] + 1):
             for name in settings["systems"]:
-                if name == "rq-fork":
+                if name in NO_LATENCY_ROW:
                     continue
                 system = SYSTEMS[name]
                 summary = results["latency"].setdefault(
@@ -165,6 +208,9 @@ def run_benchmarks(server: PrivateRedis, scratch: str, taskvisor_dir: str, setti
                                            settings["resize_task_seconds"], progress)  # fmt: skip
     if "memory" in settings["measurements"] and "taskvisor" in settings["systems"]:
         results["memory"] = measure_memory(server, context, settings["memory_providers"], progress)
+    if "scale" in settings["measurements"]:
+        results["scale"] = measure_scale(server, context, settings["systems"], settings["scale_tasks"],
+                                         settings["deadline_seconds"], progress)  # fmt: skip
     return results
 
 
@@ -210,8 +256,11 @@ def main() -> int:
     sampler = LoadSampler()
     sampler.start()
     server = PrivateRedis(os.path.join(scratch, "redis"))
+    mariadb = PrivateMariadb(os.path.join(scratch, "mariadb")) if needs_mariadb(settings) and not arguments.profile else None
     server.start()
     try:
+        if mariadb is not None:
+            mariadb.start()
         results = {
             "date": environment.now_text(),
             "mode": "quick" if arguments.quick else "full",
@@ -222,14 +271,19 @@ def main() -> int:
             "settings": settings,
         }
         progress(f"private redis-server {results['versions']['redis_server']} on {server.url}; scratch {scratch}")
+        if mariadb is not None:
+            results["versions"]["mariadb_server"] = mariadb.version()
+            progress(f"private mariadbd {results['versions']['mariadb_server']} on 127.0.0.1:{mariadb.port}")
         if arguments.profile:
             from harness.profiling import profile_taskvisor
 
             output_path = os.path.join(BENCH_DIR, "results", f"profile-{arguments.name}.md")
             profile_taskvisor(server, RunContext(server.url, scratch, taskvisor_dir), settings["tasks"], output_path, results)
             return 0
-        results.update(run_benchmarks(server, scratch, taskvisor_dir, settings))
+        results.update(run_benchmarks(server, mariadb, scratch, taskvisor_dir, settings))
     finally:
+        if mariadb is not None:
+            mariadb.stop()
         server.stop()
         samples = sampler.stop()
     results["load_average_end"] = environment.load_average()
@@ -258,6 +312,11 @@ def notes_for(settings: dict) -> list[str]:
                      " forks one process per job; compare its tasks/s, not its seconds.")  # fmt: skip
     if "latency" in settings["measurements"] and "rq-fork" in settings["systems"]:
         notes.append("rq-fork has no latency row: it differs from rq-simple only in the fork per job.")
+    if "latency" in settings["measurements"] and "taskvisor-mariadb" in settings["systems"]:
+        notes.append("taskvisor-mariadb has no latency row: it differs from taskvisor only in the SQL mirror, which"
+                     " a task's start does not wait for.")  # fmt: skip
+    if "scale" in settings["measurements"] and not any(name in settings["systems"] for name in SCALE_SYSTEMS):
+        notes.append(f"The scale measurement did not run: it measures {' and '.join(SCALE_SYSTEMS)}, which --only left out.")
     notes.append("Every system runs at the log level its command line uses by default, writing to a file in bench/scratch.")
     if ("resize" in settings["measurements"] or "memory" in settings["measurements"]) and "taskvisor" not in settings["systems"]:
         notes.append("The resize and memory measurements did not run: they measure taskvisor, which --only left out.")

@@ -1,9 +1,10 @@
-"""The arq worker settings of the benchmark: one worker with max_jobs 2, results not kept.
+"""The arq worker settings of the benchmark: one worker, max_jobs from BENCH_CONCURRENCY (2 by default), no results kept.
 
 An arq worker starts at most max_jobs jobs per poll of its queue and then sleeps for
 poll_delay (default 0.5 s), so with max_jobs 2 the default caps it at 4 jobs a
 second. The benchmark sets poll_delay to 0.002 s, which caps it at 1,000 jobs a
-second, and an idle worker then reads the queue 500 times a second.
+second with max_jobs 2 (8,000 with max_jobs 16), and an idle worker then reads the
+queue 500 times a second.
 """
 
 import asyncio
@@ -14,6 +15,7 @@ from bench_common import (
     DONE_KEY,
     SLEEP_SECONDS,
     STARTED_KEY,
+    concurrency,
     latency_mode,
     record_pid,
     redis_url,
@@ -46,7 +48,7 @@ async def sleep_subprocess(ctx: dict, name: str) -> None:
 class WorkerSettings:
     functions = (noop,)
     redis_settings = RedisSettings.from_dsn(redis_url())
-    max_jobs = 2
+    max_jobs = concurrency()
     poll_delay = 0.002
     keep_result = 0
 

@@ -35,6 +35,14 @@ def latency_mode() -> bool:
     return os.environ.get("BENCH_MODE") == "latency"
 
 
+def concurrency() -> int:
+    """Return the total concurrency that bench/run.py set in BENCH_CONCURRENCY for this run (2 when unset)."""
+    text = os.environ.get("BENCH_CONCURRENCY", "2")
+    if not text.isdigit() or int(text) < 1:
+        raise SystemExit(f"BENCH_CONCURRENCY must be a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
 def record_task(client: redis.Redis, number: object, record_start: bool) -> None:
     """Record one finished no-op task; with `record_start`, also its start time."""
     started = time.time()

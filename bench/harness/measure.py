@@ -1,4 +1,8 @@
-"""The two measurements: draining a backlog (throughput) and paced arrivals (latency)."""
+"""The two measurements: draining a backlog (throughput) and paced arrivals (latency).
+
+During a throughput run of taskvisor, harness.mirror_lag samples how far the SQL
+mirror trails the tasks. The scale measurement also samples Redis's memory.
+"""
 
 import json
 import os
@@ -10,7 +14,8 @@ import time
 import redis
 
 from harness.environment import load_average
-from harness.redis_server import PrivateRedis
+from harness.mirror_lag import MirrorSampler
+from harness.redis_server import MemorySampler, PrivateRedis
 from harness.stats import nearest_rank
 from harness.systems import APPS_DIR, RunContext, RunningSystem, System
 
@@ -24,6 +29,8 @@ RECORD_POLL_SECONDS = 0.01
 PRODUCER_TIMEOUT_SECONDS = 600
 WARMUP_TASKS = 5
 WARMUP_NUMBER = 1_000_000
+# Seconds between two reads of Redis's used_memory when a throughput run samples it.
+MEMORY_SAMPLE_SECONDS = 0.2
 
 
 def run_producer(system: System, context: RunContext, arguments: list[str]) -> dict:
@@ -41,15 +48,19 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def wait_for_count(client: redis.Redis, running: RunningSystem, count: int, deadline: float) -> tuple[float | None, float | None]:
+def wait_for_count(client: redis.Redis, running: RunningSystem, count: int, deadline: float,
+                   readings: list[tuple[float, int]] | None = None) -> tuple[float | None, float | None]:  # fmt: skip
     """Poll the done counter until it reaches `count` or the deadline passes.
 
     Returns the perf_counter times at which the first task and the last one were seen done, each None if not seen.
+    With `readings`, appends the time and value of every read to it.
     """
     first = None
     while time.perf_counter() < deadline:
         done = int(client.get(DONE_KEY) or 0)
         now = time.perf_counter()
+        if readings is not None:
+            readings.append((now, done))
         if first is None and done > 0:
             first = now
         if done >= count:
@@ -60,11 +71,21 @@ def wait_for_count(client: redis.Redis, running: RunningSystem, count: int, dead
     return first, None
 
 
-def measure_throughput(server: PrivateRedis, system: System, context: RunContext, count: int, deadline_seconds: float) -> dict:
-    """Drain a backlog of `count` no-op tasks, enqueued before the workers start."""
+def measure_throughput(server: PrivateRedis, system: System, context: RunContext, count: int, deadline_seconds: float,
+                       sample_memory: bool = False) -> dict:  # fmt: skip
+    """Drain a backlog of `count` no-op tasks, enqueued before the workers start, at `context.concurrency`.
+
+    With `sample_memory`, also reads Redis's used_memory before the enqueue, every
+    MEMORY_SAMPLE_SECONDS until the backlog is done, and after the workers stopped.
+    """
     server.flush()
     context.mode = "throughput"
     system.prepare(context)
+    memory = None
+    if sample_memory:
+        memory = MemorySampler(server.url, MEMORY_SAMPLE_SECONDS)
+        memory_before = memory.used_memory()
+        memory.start()
     produced = run_producer(system, context, ["backlog", str(count)])
 
     load_before = load_average()
@@ -72,9 +93,14 @@ def measure_throughput(server: PrivateRedis, system: System, context: RunContext
     redis_cpu_before = server.cpu_seconds()
     begin = time.perf_counter()
     running = system.start(context)
+    counter = system.mirror_counter(context)
+    mirror = MirrorSampler(server.url, counter, count, begin) if counter is not None else None
     try:
+        if mirror is not None:
+            mirror.start()
         deadline = begin + deadline_seconds
-        first, tasks_done = wait_for_count(server.client, running, count, deadline)
+        first, tasks_done = wait_for_count(server.client, running, count, deadline,
+                                           mirror.done_readings if mirror is not None else None)  # fmt: skip
         end = None
         if tasks_done is not None:
             while time.perf_counter() < deadline:
@@ -85,12 +111,19 @@ def measure_throughput(server: PrivateRedis, system: System, context: RunContext
         done_count = int(server.client.get(DONE_KEY) or 0)
         redis_cpu = server.cpu_seconds() - redis_cpu_before
         crashed = running.exited() and end is None
+        mirror_figures = mirror.stop() if mirror is not None else None
+        memory_peak = memory.stop() if memory is not None else None
     finally:
+        if mirror is not None and mirror.thread.is_alive():
+            mirror.stopped.set()
+        if memory is not None and memory.thread.is_alive():
+            memory.stopped.set()
         running.stop()
 
     result = {
         "system": system.name,
         "tasks": count,
+        "concurrency": context.concurrency,
         "enqueue_seconds": produced["seconds"],
         "load_average_before": load_before,
         "load_average_after": load_average(),
@@ -101,6 +134,12 @@ def measure_throughput(server: PrivateRedis, system: System, context: RunContext
         "worker_cpu_seconds": round(children_cpu_seconds() - cpu_before, 3),
         "redis_cpu_seconds": round(redis_cpu, 3),
     }
+    if mirror_figures is not None:
+        result["mirror"] = mirror_figures
+    if memory is not None:
+        result["redis_used_memory_before"] = memory_before
+        result["redis_used_memory_peak"] = memory_peak
+        result["redis_used_memory_after"] = server.client.info("memory")["used_memory"]
     if end is None:
         result["error"] = "a worker process exited early" if crashed else f"not done within {deadline_seconds:g} s"
         return result

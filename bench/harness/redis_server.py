@@ -4,18 +4,26 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import redis
 
 START_TIMEOUT_SECONDS = 10.0
+# The standard ports of Redis and MariaDB, which belong to servers that this machine may run
+# for other purposes. The kernel hands out ports from its ephemeral range, so skipping
+# these is only a guard.
+RESERVED_PORTS = frozenset({6379, 3306})
 
 
 def free_loopback_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """Return a TCP port on 127.0.0.1 that was free a moment ago and is not one of RESERVED_PORTS."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in RESERVED_PORTS:
+            return port
 
 
 class PrivateRedis:
@@ -88,3 +96,37 @@ class PrivateRedis:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+
+class MemorySampler:
+    """A daemon thread that reads the server's `used_memory` (INFO memory) every `interval` seconds until `stop()`.
+
+    It reads through its own connection, so that it does not share a socket with the caller.
+    """
+
+    def __init__(self, url: str, interval: float) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.interval = interval
+        self.samples: list[int] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="redis-memory-sampler", daemon=True)
+
+    def used_memory(self) -> int:
+        return int(self.client.info("memory")["used_memory"])
+
+    def run(self) -> None:
+        while True:
+            self.samples.append(self.used_memory())
+            if self.stopped.wait(self.interval):
+                return
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> int:
+        """Stop sampling and return the highest `used_memory` in bytes, a last reading included."""
+        self.stopped.set()
+        self.thread.join()
+        self.samples.append(self.used_memory())
+        self.client.close()
+        return max(self.samples)

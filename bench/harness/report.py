@@ -2,10 +2,14 @@
 
 import statistics
 
-from harness import report_sections
+from harness import report_mirror_scale, report_sections
 
-# The targets that docs/benchmarks.md checks taskvisor against.
+# The targets that docs/benchmarks.md checks taskvisor against: at concurrency 2, at
+# least twice Celery's tasks/s; at concurrency 16, at least Dramatiq's.
 THROUGHPUT_TARGET_VERSUS_CELERY = 2.0
+THROUGHPUT_TARGET_CONCURRENCY = 2
+HIGH_CONCURRENCY_TARGET_VERSUS_DRAMATIQ = 1.0
+HIGH_CONCURRENCY = 16
 
 
 def median_of(runs: list[dict], key: str) -> float | None:
@@ -15,7 +19,23 @@ def median_of(runs: list[dict], key: str) -> float | None:
 
 def summarize(results: dict) -> None:
     """Add medians and ratios to `results` in place."""
-    throughput = results.get("throughput", {})
+    for table in results.get("throughput", {}).values():
+        summarize_throughput(table)
+    report_mirror_scale.summarize_mirror(results)
+
+    latency = results.get("latency", {})
+    for summary in latency.values():
+        for key in ("p50_ms", "p99_ms", "max_ms", "mean_ms"):
+            summary[f"median_{key}"] = median_of(summary["runs"], key)
+    tv = latency.get("taskvisor", {})
+    for summary in latency.values():
+        for key in ("p50_ms", "p99_ms"):
+            mine, theirs = tv.get(f"median_{key}"), summary[f"median_{key}"]
+            summary[f"taskvisor_{key}_ratio"] = round(mine / theirs, 3) if mine and theirs else None
+
+
+def summarize_throughput(throughput: dict) -> None:
+    """Add medians and taskvisor ratios to the rows of one concurrency's throughput table."""
     for summary in throughput.values():
         summary["median_tasks_per_second"] = median_of(summary["runs"], "tasks_per_second")
         summary["median_drain_tasks_per_second"] = median_of(summary["runs"], "drain_tasks_per_second")
@@ -32,16 +52,6 @@ def summarize(results: dict) -> None:
             mine, theirs = reference.get(key), summary[key]
             summary[ratio_key] = round(mine / theirs, 3) if mine and theirs else None
 
-    latency = results.get("latency", {})
-    for summary in latency.values():
-        for key in ("p50_ms", "p99_ms", "max_ms", "mean_ms"):
-            summary[f"median_{key}"] = median_of(summary["runs"], key)
-    tv = latency.get("taskvisor", {})
-    for summary in latency.values():
-        for key in ("p50_ms", "p99_ms"):
-            mine, theirs = tv.get(f"median_{key}"), summary[f"median_{key}"]
-            summary[f"taskvisor_{key}_ratio"] = round(mine / theirs, 3) if mine and theirs else None
-
 
 def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
@@ -57,12 +67,19 @@ def _loads_text(runs: list[dict]) -> str:
 
 def targets_text(results: dict) -> list[str]:
     lines = []
-    celery = results.get("throughput", {}).get("celery")
+    throughput = results.get("throughput", {})
+    celery = throughput.get(str(THROUGHPUT_TARGET_CONCURRENCY), {}).get("celery")
     if celery and celery.get("taskvisor_ratio") is not None:
         ratio = celery["taskvisor_ratio"]
         verdict = "met" if ratio >= THROUGHPUT_TARGET_VERSUS_CELERY else "missed"
         lines.append(f"- Throughput at least {THROUGHPUT_TARGET_VERSUS_CELERY:g}x Celery: {verdict}"
                      f" (taskvisor/Celery = {ratio:.2f}).")  # fmt: skip
+    dramatiq = throughput.get(str(HIGH_CONCURRENCY), {}).get("dramatiq")
+    if dramatiq and dramatiq.get("taskvisor_ratio") is not None:
+        ratio = dramatiq["taskvisor_ratio"]
+        verdict = "met" if ratio >= HIGH_CONCURRENCY_TARGET_VERSUS_DRAMATIQ else "missed"
+        lines.append(f"- Throughput at concurrency {HIGH_CONCURRENCY} at least Dramatiq's: {verdict}"
+                     f" (taskvisor/Dramatiq = {ratio:.2f}).")  # fmt: skip
     celery = results.get("latency", {}).get("celery")
     if celery:
         for key, label in (("p50_ms", "p50"), ("p99_ms", "p99")):
@@ -76,8 +93,10 @@ def targets_text(results: dict) -> list[str]:
 def markdown(results: dict) -> str:
     """Render the whole report: header, throughput, latency, targets, failed runs and notes."""
     lines = header_lines(results)
-    if results.get("throughput"):
-        lines += throughput_lines(results["throughput"])
+    for concurrency, table in results.get("throughput", {}).items():
+        if table:
+            lines += throughput_lines(table, int(concurrency))
+    lines += report_mirror_scale.mirror_lines(results)
     if results.get("latency"):
         lines += latency_lines(results["latency"], results["settings"]["interval_ms"])
     if results.get("cancel"):
@@ -86,18 +105,27 @@ def markdown(results: dict) -> str:
         lines += report_sections.resize_lines(results["resize"])
     if results.get("memory"):
         lines += report_sections.memory_lines(results["memory"])
+    if results.get("scale"):
+        lines += report_mirror_scale.scale_lines(results["scale"])
 
-    targets = targets_text(results) + report_sections.target_lines(results)
+    targets = targets_text(results) + report_mirror_scale.target_lines(results) + report_sections.target_lines(results)
     if targets:
         lines += ["## Targets", "", *targets, ""]
 
     failures = [
-        f"- {kind} {name} run {index + 1}: {run['error']} (log: {run.get('log', '-')})"
-        for kind in ("throughput", "latency")
-        for name, summary in results.get(kind, {}).items()
+        f"- throughput c{concurrency} {name} run {index + 1}: {run['error']} (log: {run.get('log', '-')})"
+        for concurrency, table in results.get("throughput", {}).items()
+        for name, summary in table.items()
         for index, run in enumerate(summary["runs"])
         if "error" in run
     ]  # fmt: skip
+    failures += [
+        f"- latency {name} run {index + 1}: {run['error']} (log: {run.get('log', '-')})"
+        for name, summary in results.get("latency", {}).items()
+        for index, run in enumerate(summary["runs"])
+        if "error" in run
+    ]  # fmt: skip
+    failures += report_mirror_scale.failure_lines(results)
     failures += report_sections.failure_lines(results)
     if failures:
         lines += ["## Failed runs", "", *failures, ""]
@@ -121,7 +149,8 @@ def header_lines(results: dict) -> list[str]:
         f"- Load average (1, 5, 15 min) at start: {results['load_average_start']}, at end: {results['load_average_end']}",
         (f"- Highest 1-minute load average seen during the run: {results['load_average_highest']:.2f}"
          f" ({results['load_average_samples']} samples, one every 5 s)"),
-        f"- taskvisor commit: {versions['taskvisor_commit']}; redis-server {versions['redis_server']}",
+        (f"- taskvisor commit: {versions['taskvisor_commit']}; redis-server {versions['redis_server']}"
+         + (f"; mariadbd {versions['mariadb_server']}" if versions.get("mariadb_server") else "")),
         f"- taskvisor environment: {_versions_text(versions['taskvisor_environment'])}",
         f"- bench/.venv-peers: {_versions_text(versions['peers_environment'])}",
         f"- bench/.venv-arq: {_versions_text(versions['arq_environment'])}",
@@ -130,14 +159,15 @@ def header_lines(results: dict) -> list[str]:
     ]  # fmt: skip
 
 
-def throughput_lines(throughput: dict) -> list[str]:
+def throughput_lines(throughput: dict, concurrency: int) -> list[str]:
     lines = [
-        "## Throughput: draining a backlog at total concurrency 2",
+        f"## Throughput: draining a backlog at total concurrency {concurrency}",
         "",
         ("tasks/s = tasks ÷ seconds from starting the workers to the last task recorded (median of the runs)."
          " Drain tasks/s leaves out the start-up: tasks after the first ÷ seconds from the first task done to"
-         " the last recorded. taskvisor ÷ system > 1 means taskvisor is faster. CPU columns: ms of CPU per"
-         " task, of the workers (all their processes, start-up included) and of redis-server, medians."),
+         " the last recorded. taskvisor ÷ system is the taskvisor row's (SQLite mirror) ÷ the row's, so > 1"
+         " means taskvisor is faster. CPU columns: ms of CPU per task, of the workers (all their processes,"
+         " start-up included) and of redis-server, medians."),
         "",
         ("| System | Tasks | Runs (tasks/s) | Median tasks/s | taskvisor ÷ system | Drain tasks/s"
          " | taskvisor ÷ system (drain) | Start-up s | Worker CPU ms/task | Redis CPU ms/task"

@@ -1,4 +1,4 @@
-"""The systems under test: how to start each one's workers at total concurrency 2, and stop them.
+"""The systems under test: how to start each one's workers at a given total concurrency, and stop them.
 
 Every system runs the same no-op task from bench/apps against the same private Redis.
 Workers are started in their own session, so that `stop()` can end the whole process
@@ -7,7 +7,6 @@ group that this harness started, and nothing else.
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 import redis
 
 from harness.environment import BENCH_DIR, REPO_DIR, venv_python
+from harness.mariadb_server import PrivateMariadb
+from harness.mirror_lag import MariadbCounter, RowCounter, SqliteCounter
 from harness.stats import nearest_rank
 
 APPS_DIR = os.path.join(BENCH_DIR, "apps")
@@ -25,6 +26,9 @@ STOP_TIMEOUT_SECONDS = 15.0
 TASKVISOR_PREFIX = "tvbench"
 TASKVISOR_PROVIDER = "noop"
 TASKVISOR_STREAM = f"{TASKVISOR_PREFIX}:{{{TASKVISOR_PROVIDER}}}:tasks"
+# The database of the taskvisor-mariadb row on the private MariaDB, made anew before each run.
+MARIADB_DATABASE = "tvbench"
+DEFAULT_CONCURRENCY = 2
 
 
 @dataclass
@@ -35,6 +39,10 @@ class RunContext:
     taskvisor_dir: str = REPO_DIR
     mode: str = "throughput"
     label: str = ""
+    # Tasks that the system runs at once, over all its processes.
+    concurrency: int = DEFAULT_CONCURRENCY
+    # The private MariaDB of the taskvisor-mariadb row; None when the run does not need it.
+    mariadb: PrivateMariadb | None = None
 
     @property
     def pid_dir(self) -> str:
@@ -51,6 +59,7 @@ class RunContext:
         env["BENCH_TV_PREFIX"] = TASKVISOR_PREFIX
         env["BENCH_TV_PROVIDER"] = TASKVISOR_PROVIDER
         env["BENCH_PID_DIR"] = self.pid_dir
+        env["BENCH_CONCURRENCY"] = str(self.concurrency)
         env.pop("VIRTUAL_ENV", None)
         return env
 
@@ -92,13 +101,19 @@ class RunningSystem:
 
 @dataclass
 class System:
-    """One row of the benchmark: `client` names the sender in bench/apps/produce.py."""
+    """One row of the benchmark: `client` names the sender in bench/apps/produce.py.
+
+    `description` may contain `{concurrency}`, which `describe()` fills in.
+    """
 
     name: str
     client: str
     environment: str
     description: str
     uses_taskvisor: bool = False
+
+    def describe(self, concurrency: int) -> str:
+        return self.description.format(concurrency=concurrency)
 
     @property
     def python(self) -> str:
@@ -130,17 +145,36 @@ class System:
         """Return True when the system's own records show all `count` tasks done (beyond the Redis counter)."""
         return True
 
+    def mirror_counter(self, context: RunContext) -> RowCounter | None:
+        """Return a counter of the completed rows in the system's SQL table, or None for a system without one."""
+        return None
+
     def latency_stages(self, client: redis.Redis, sent: dict[str, float], started: dict[str, float]) -> dict:
         """Return the median milliseconds of each stage between send and task start, where the system records them."""
         return {}
 
 
 class Taskvisor(System):
+    """taskvisor with its SQL mirror in a SQLite file under the run's scratch folder."""
+
     def config_path(self, context: RunContext) -> str:
-        return os.path.join(context.scratch, "taskvisor", "taskvisor.yaml")
+        return os.path.join(context.scratch, self.name, "taskvisor.yaml")
 
     def database_path(self, context: RunContext) -> str:
-        return os.path.join(context.scratch, "taskvisor", "taskvisor.db")
+        return os.path.join(context.scratch, self.name, "taskvisor.db")
+
+    def database_url(self, context: RunContext) -> str:
+        return f"sqlite:///{self.database_path(context)}"
+
+    def reset_database(self, context: RunContext) -> None:
+        """Remove the SQLite file and its WAL files, so that the run starts with an empty table."""
+        database = self.database_path(context)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(database + suffix):
+                os.remove(database + suffix)
+
+    def mirror_counter(self, context: RunContext) -> SqliteCounter:
+        return SqliteCounter(self.database_path(context))
 
     def prepare(self, context: RunContext) -> None:
         if context.mode == "cancel":
@@ -158,25 +192,22 @@ class Taskvisor(System):
         self.write_config(context, f"""\
   {TASKVISOR_PROVIDER}:
     allowConcurrentTasks: true
-    maxConcurrentTasks: 2
+    maxConcurrentTasks: {context.concurrency}
     driver:
       type: "noop_driver:NoopDriver"
       options: {{redisUrl: "{context.redis_url}", recordStart: {record_start}}}
 """)  # fmt: skip
 
     def write_config(self, context: RunContext, providers: str, extra: str = "") -> None:
-        """Write the config file with `providers` as the body of its `providers:` mapping, and a new SQLite file.
+        """Write the config file with `providers` as the body of its `providers:` mapping, and empty the database.
 
         `extra` is YAML text added before `providers:`, such as a `health` section.
         """
         os.makedirs(os.path.dirname(self.config_path(context)), exist_ok=True)
-        database = self.database_path(context)
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(database + suffix):
-                os.remove(database + suffix)
+        self.reset_database(context)
         config = f"""\
 redis: {{url: "{context.redis_url}", prefix: {TASKVISOR_PREFIX}}}
-database: {{url: "sqlite:///{database}"}}
+database: {{url: "{self.database_url(context)}"}}
 supervisor: {{name: bench, shutdownGrace: 5}}
 {extra}providers:
 {providers}"""
@@ -187,19 +218,13 @@ supervisor: {{name: bench, shutdownGrace: 5}}
         return [[self.python, "-m", "supervisor", "supervise", "--config", self.config_path(context)]]
 
     def all_recorded(self, context: RunContext, count: int) -> bool:
-        """Return True when the SQLite mirror contains `count` tasks in state completed."""
-        uri = f"file:{self.database_path(context)}?mode=ro"
+        """Return True when the SQL mirror contains `count` tasks in state completed."""
+        counter = self.mirror_counter(context)
         try:
-            connection = sqlite3.connect(uri, uri=True, timeout=1.0)
-        except sqlite3.Error:
-            return False
-        try:
-            row = connection.execute("SELECT COUNT(*) FROM taskvisor_tasks WHERE status = 'completed'").fetchone()
-        except sqlite3.Error:
-            return False
+            completed = counter.completed()
         finally:
-            connection.close()
-        return row[0] >= count
+            counter.close()
+        return completed is not None and completed >= count
 
     def latency_stages(self, client: redis.Redis, sent: dict[str, float], started: dict[str, float]) -> dict:
         """Split each task's latency at `started_at`, the Redis time at which start.lua made it running."""
@@ -225,11 +250,37 @@ supervisor: {{name: bench, shutdownGrace: 5}}
         }
 
 
+class TaskvisorMariadb(Taskvisor):
+    """taskvisor with its SQL mirror in a database of the run's private MariaDB."""
+
+    def server(self, context: RunContext) -> PrivateMariadb:
+        if context.mariadb is None:
+            raise RuntimeError(f"the {self.name} row needs the private MariaDB, which bench/run.py starts when"
+                               " a throughput run includes this row")  # fmt: skip
+        return context.mariadb
+
+    def database_url(self, context: RunContext) -> str:
+        return self.server(context).url(MARIADB_DATABASE)
+
+    def reset_database(self, context: RunContext) -> None:
+        self.server(context).recreate_database(MARIADB_DATABASE)
+
+    def mirror_counter(self, context: RunContext) -> MariadbCounter:
+        server = self.server(context)
+        return MariadbCounter(lambda timeout: server.connect(MARIADB_DATABASE, timeout))
+
+
+def dramatiq_shape(concurrency: int) -> tuple[int, int]:
+    """Return Dramatiq's processes and threads per process for a total concurrency: 2 processes when it is even."""
+    processes = 2 if concurrency % 2 == 0 else 1
+    return processes, concurrency // processes
+
+
 class Celery(System):
     def commands(self, context: RunContext) -> list[list[str]]:
         # Gossip, mingle and heartbeat exchange messages with other worker nodes. The
         # benchmark runs a single node, so they are off.
-        return [[self.tool("celery"), "-A", "celery_app", "worker", "--pool", "prefork", "--concurrency", "2",
+        return [[self.tool("celery"), "-A", "celery_app", "worker", "--pool", "prefork", "--concurrency", str(context.concurrency),
                  "--without-gossip", "--without-mingle", "--without-heartbeat"]]  # fmt: skip
 
 
@@ -240,7 +291,7 @@ class Rq(System):
         return [
             [self.tool("rq"), "worker", "--url", context.redis_url, "--worker-class", self.worker_class,
              "--path", APPS_DIR, "--name", f"bench-{slot}-{context.label}", "bench"]
-            for slot in range(2)
+            for slot in range(context.concurrency)
         ]  # fmt: skip
 
 
@@ -257,19 +308,29 @@ class Arq(System):
 
 
 class Dramatiq(System):
+    def describe(self, concurrency: int) -> str:
+        processes, threads = dramatiq_shape(concurrency)
+        return self.description.format(processes=processes, threads=threads, s="" if threads == 1 else "s")
+
     def commands(self, context: RunContext) -> list[list[str]]:
-        return [[self.tool("dramatiq"), "dramatiq_actors", "--processes", "2", "--threads", "1", "--path", APPS_DIR]]
+        processes, threads = dramatiq_shape(context.concurrency)
+        return [[self.tool("dramatiq"), "dramatiq_actors", "--processes", str(processes), "--threads", str(threads),
+                 "--path", APPS_DIR]]  # fmt: skip
 
 
 SYSTEMS: dict[str, System] = {
     system.name: system
     for system in [
         Taskvisor("taskvisor", "taskvisor", "taskvisor",
-                  "supervisor, 1 provider, maxConcurrentTasks 2, Python no-op driver, SQLite mirror", uses_taskvisor=True),
-        Celery("celery", "celery", "peers", "prefork pool, concurrency 2, acks_late, no result backend"),
-        Rq("rq-simple", "rq", "peers", "2 SimpleWorker processes (no fork per job), result_ttl 0"),
-        RqForking("rq-fork", "rq", "peers", "2 Worker processes (one fork per job), result_ttl 0"),
-        Arq("arq", "arq", "arq", "1 worker, max_jobs 2, poll_delay 0.002 s (default 0.5 s), keep_result 0"),
-        Dramatiq("dramatiq", "dramatiq", "peers", "Redis broker, 2 processes x 1 thread"),
+                  "supervisor, 1 provider, maxConcurrentTasks {concurrency}, Python no-op driver, SQLite mirror",
+                  uses_taskvisor=True),
+        TaskvisorMariadb("taskvisor-mariadb", "taskvisor", "taskvisor",
+                         "as taskvisor, but the mirror writes to a private MariaDB server (mariadbd --no-defaults,"
+                         " built-in settings) over TCP on 127.0.0.1", uses_taskvisor=True),
+        Celery("celery", "celery", "peers", "prefork pool, concurrency {concurrency}, acks_late, no result backend"),
+        Rq("rq-simple", "rq", "peers", "{concurrency} SimpleWorker processes (no fork per job), result_ttl 0"),
+        RqForking("rq-fork", "rq", "peers", "{concurrency} Worker processes (one fork per job), result_ttl 0"),
+        Arq("arq", "arq", "arq", "1 worker, max_jobs {concurrency}, poll_delay 0.002 s (default 0.5 s), keep_result 0"),
+        Dramatiq("dramatiq", "dramatiq", "peers", "Redis broker, {processes} processes x {threads} thread{s}"),
     ]
 }  # fmt: skip
