@@ -64,6 +64,8 @@ def set_role(role: str) -> None:
 
 
 def mask_url_passwords(text: str) -> str:
+    if "://" not in text:
+        return text
     return URL_PASSWORD.sub(r"\1:***@", text)
 
 
@@ -83,6 +85,16 @@ def parse_key_values(message: str) -> dict[str, str]:
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(role)s[%(process)d] %(name)s: %(message)s")
+        # The date and time to the second of the last line, which the next lines of the same second reuse.
+        self.second = -1
+        self.second_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self.second:
+            self.second = second
+            self.second_text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
+        return f"{self.second_text},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         line = mask_url_passwords(super().format(record))

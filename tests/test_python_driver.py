@@ -61,3 +61,20 @@ def test_stuck_driver_replaces_worker(run_provider, redis_server):
     assert task_hash(client, "py", "next")["result"] != f'{{"pid":{first_pid}}}'
     assert "child exited with code 4 role=worker provider=py" in supervisor.log()
     assert "driver ignored stop request task_id=stuck" in supervisor.log()
+
+
+def test_stuck_driver_cancel_recorded(run_provider, redis_server):
+    supervisor = run_provider({"type": "tests.sample_drivers:StubbornDriver", "killGrace": 0.2}, timeouts={"start": 60})
+    client = redis_server.client()
+    client.xadd("taskvisor:{py}:tasks", {"id": "stuck", "type": "start", "instance": "vm-1", "user": "u"})
+    wait_for(lambda: task_hash(client, "py", "stuck").get("status") == "running", 10, "the task to start")
+    first_pid = int(task_hash(client, "py", "stuck")["owner"].rsplit(":", 1)[1])
+
+    client.hset("taskvisor:{py}:task:stuck", mapping={"cancel_request_user": "*", "cancel_request_reason": "test"})
+    client.publish("taskvisor:cancel", "py stuck")
+    wait_for(lambda: task_hash(client, "py", "stuck").get("status") == "cancelled", 10, "the cancel")
+    wait_for(lambda: not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == psutil.STATUS_ZOMBIE,
+             10, "the stuck worker to exit")
+    assert client.hget("taskvisor:{py}:instances", "vm-1") == b"stopped"
+    assert "driver ignored stop request task_id=stuck provider=py reason=cancel" in supervisor.log()
+    assert "child exited with code 4 role=worker provider=py" in supervisor.log()

@@ -5,7 +5,6 @@ cancelled, or back to pending) is decided from what the driver did.
 """
 
 import logging
-import queue
 import threading
 import time
 import traceback
@@ -27,6 +26,8 @@ MAX_ERROR_CHARS = 4000
 POLL_SECONDS = 0.05
 # Extra seconds a driver gets after its kill grace before the worker gives up on it.
 STUCK_MARGIN_SECONDS = 2.0
+# Seconds without a driver call after which the watchdog sleeps until the next call.
+IDLE_SECONDS = 1.0
 
 
 class Outcome(msgspec.Struct):
@@ -56,35 +57,92 @@ class _Call:
             self.error = exc
 
 
-class _DriverThread:
-    """One long-lived thread per worker process that runs driver methods, one at a time.
+class _Watched:
+    """A driver call running in the worker's main thread, with the state that the watchdog keeps for it."""
 
-    Starting a thread for every task cost a fifth of a busy worker's time. A worker
-    whose driver ignores a stop request exits, so a stuck thread never blocks a
-    later task.
+    def __init__(self, context: TaskContext, shutdown_requested: Callable[[], bool],
+                 on_stuck: Callable[[], None]) -> None:  # fmt: skip
+        self.context = context
+        self.shutdown_requested = shutdown_requested
+        self.on_stuck = on_stuck
+        # The monotonic time after which a call that got a stop request counts as stuck.
+        self.stop_deadline: float | None = None
+        self.lock = threading.Lock()
+        # "returned" or "abandoned": whichever of the call and the watchdog came first.
+        self.settled = ""
+
+    def settle(self, ending: str) -> bool:
+        """Record how the call ended; False when the other side had already settled it."""
+        with self.lock:
+            if self.settled:
+                return False
+            self.settled = ending
+            return True
+
+    def check(self, now: float) -> None:
+        """Stop the call at its deadline or on shutdown, and give it up once it ignored the stop too long."""
+        context = self.context
+        if self.stop_deadline is None:
+            if now >= context.deadline:
+                context.stop("timeout")
+            elif self.shutdown_requested():
+                context.stop("shutdown")
+            if context.cancelled.is_set():
+                self.stop_deadline = now + context.kill_grace + STUCK_MARGIN_SECONDS
+        elif now >= self.stop_deadline and self.settle("abandoned"):
+            self.on_stuck()
+
+
+class _Watchdog:
+    """One thread per worker process that enforces the deadline and stop requests of the running call.
+
+    Driver methods run in the worker's main thread, which saves a hand-off between two
+    threads on every task. The watchdog looks at the call every POLL_SECONDS. When no call
+    has run for IDLE_SECONDS it sleeps until the next one starts, so that idle workers
+    cost no CPU. A call that ignores a stop request is given up: its `on_stuck` records
+    the task's end from this thread and ends the process, which is the only way to stop
+    Python code by force.
     """
 
     def __init__(self) -> None:
-        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.watched: _Watched | None = None
+        self.sleeping = False
+        self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
 
-    def run(self, call: _Call) -> threading.Event:
-        """Queue `call` and return an event that is set when it has returned."""
+    def watch(self, watched: _Watched) -> None:
+        self.watched = watched
         if self.thread is None or not self.thread.is_alive():
-            self.thread = threading.Thread(target=self._loop, name="driver", daemon=True)
+            self.thread = threading.Thread(target=self._loop, name="driver-watchdog", daemon=True)
             self.thread.start()
-        done = threading.Event()
-        self.calls.put((call, done))
-        return done
+        elif self.sleeping:
+            self.wakeup.set()
+
+    def clear(self) -> None:
+        self.watched = None
 
     def _loop(self) -> None:
+        idle_since = time.monotonic()
         while True:
-            call, done = self.calls.get()
-            call()
-            done.set()
+            watched = self.watched
+            now = time.monotonic()
+            if watched is not None:
+                idle_since = now
+                watched.check(now)
+            elif now - idle_since >= IDLE_SECONDS:
+                self.sleeping = True
+                # `watch` sets the call before it looks at `sleeping`, so a call that
+                # started meanwhile is seen here and no wake-up is lost.
+                if self.watched is None:
+                    self.wakeup.wait()
+                self.wakeup.clear()
+                self.sleeping = False
+                idle_since = time.monotonic()
+                continue
+            time.sleep(POLL_SECONDS)
 
 
-_driver_thread = _DriverThread()
+_watchdog = _Watchdog()
 
 
 def run_task(
@@ -93,49 +151,50 @@ def run_task(
     context: TaskContext,
     redactor: Redactor,
     shutdown_requested: Callable[[], bool],
+    on_stuck: Callable[[Outcome], None],
 ) -> Outcome:
-    """Run the task's driver method in a thread and wait for it, enforcing the deadline.
+    """Run the task's driver method in this thread under the watchdog, which enforces the deadline.
 
     When the deadline passes, or `shutdown_requested()` turns true, the context is
-    stopped and the method gets its kill grace to return.
+    stopped and the method gets its kill grace to return. A method that ignores the stop
+    is given up: the watchdog thread calls `on_stuck` with the task's outcome, and
+    `on_stuck` must record it and end the process.
     """
     try:
         handler = driver.handler_for(str(spec.type))
     except DriverError as exc:
         return Outcome(TaskStatus.FAILED, error=str(exc))
 
-    call = _Call(handler, context)
-    if not _wait_for_call(call, context, shutdown_requested):
+    def give_up() -> None:
         log.error(
             "driver ignored stop request task_id=%s provider=%s reason=%s",
             spec.id, spec.provider, context.stop_reason,
         )  # fmt: skip
         outcome = _outcome_for_stop(spec, context)
         outcome.driver_stuck = True
-        return outcome
+        on_stuck(outcome)
+
+    call = _Call(handler, context)
+    _run_watched(call, context, shutdown_requested, give_up)
     return decide_outcome(spec, context, call.result, call.error, redactor)
 
 
-def _wait_for_call(call: "_Call", context: TaskContext, shutdown_requested: Callable[[], bool]) -> bool:
-    """Run `call` in the driver thread and wait for it; False when it ignored a stop request.
+def _run_watched(call: "_Call", context: TaskContext, shutdown_requested: Callable[[], bool],
+                 give_up: Callable[[], None]) -> None:  # fmt: skip
+    """Run `call` in this thread while the watchdog enforces its deadline and stop requests.
 
-    When the deadline passes, or `shutdown_requested()` turns true, the context is
-    stopped and the call gets its kill grace to return.
+    When the watchdog gave the call up before it returned, `give_up` is ending the
+    process from the watchdog thread, so this thread waits for that.
     """
-    done = _driver_thread.run(call)
-    stop_deadline: float | None = None
-    while not done.wait(POLL_SECONDS):
-        now = time.monotonic()
-        if stop_deadline is None:
-            if now >= context.deadline:
-                context.stop("timeout")
-            elif shutdown_requested():
-                context.stop("shutdown")
-            if context.cancelled.is_set():
-                stop_deadline = now + context.kill_grace + STUCK_MARGIN_SECONDS
-        elif now >= stop_deadline:
-            return False
-    return True
+    watched = _Watched(context, shutdown_requested, give_up)
+    _watchdog.watch(watched)
+    try:
+        call()
+    finally:
+        _watchdog.clear()
+    if not watched.settle("returned"):
+        while True:
+            time.sleep(60)
 
 
 class ProbeOutcome(msgspec.Struct):
@@ -151,12 +210,19 @@ class ProbeOutcome(msgspec.Struct):
 
 
 def run_probe(driver: Driver, spec: TaskSpec, context: TaskContext, redactor: Redactor,
-              shutdown_requested: Callable[[], bool]) -> ProbeOutcome:
-    """Ask the driver what became of the task's interrupted run, under the task's deadline."""
-    call = _Call(driver.probe, context)
-    if not _wait_for_call(call, context, shutdown_requested):
+              shutdown_requested: Callable[[], bool], on_stuck: Callable[[ProbeOutcome], None]) -> ProbeOutcome:
+    """Ask the driver what became of the task's interrupted run, under the task's deadline.
+
+    A probe that ignores a stop request is given up as `run_task` gives up a method, with
+    `on_stuck` called from the watchdog thread.
+    """
+
+    def give_up() -> None:
         log.error("driver ignored stop request during a probe task_id=%s provider=%s", spec.id, spec.provider)
-        return ProbeOutcome("failed", error="probe did not stop", driver_stuck=True, stopped=context.stop_reason or "")
+        on_stuck(ProbeOutcome("failed", error="probe did not stop", driver_stuck=True, stopped=context.stop_reason or ""))
+
+    call = _Call(driver.probe, context)
+    _run_watched(call, context, shutdown_requested, give_up)
     secrets = redactor.secret_values(spec.data)
     if context.stop_reason is not None:
         return ProbeOutcome("failed", error=f"probe stopped: {context.stop_reason}", stopped=context.stop_reason)

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import orjson
 import psutil
@@ -32,7 +33,7 @@ from shared.states import TaskStatus, TaskType, instance_rule_after, instance_ru
 from shared.taskstate import StartResult, TaskState
 from worker.drivers import load_driver
 from worker.drivers.base import TaskContext
-from worker.executor import Outcome, run_probe, run_task
+from worker.executor import Outcome, ProbeOutcome, run_probe, run_task
 from worker.watchers import CancelWatcher, CurrentTask, renew_leases, send_heartbeats
 
 log = logging.getLogger(__name__)
@@ -411,13 +412,28 @@ class Worker:
         )
         self.current.set(spec, context)
         heartbeat.beat(task_started_at=time.time())
+
+        def end_stuck(outcome: Outcome) -> None:
+            # Called from the watchdog thread while the driver's method still runs in the
+            # main thread: record the task's end and exit, which stops that method.
+            self.complete(spec, outcome, started.retries, begun)
+            log.info("worker stopped provider=%s pid=%d tasks_done=%d", self.provider, os.getpid(), self.tasks_done)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(EXIT_DRIVER_STUCK)
+
         outcome = None
         if started.outcome == "probe":
-            outcome = self.probe(spec, context)
+            outcome = self.probe(spec, context, end_stuck)
         if outcome is None:
-            outcome = run_task(self.driver, spec, context, self.redactor, lambda: self.abort_current)
+            outcome = run_task(self.driver, spec, context, self.redactor, lambda: self.abort_current, end_stuck)
+        handed_over = self.complete(spec, outcome, started.retries, begun)
+        return (EXIT_DRIVER_STUCK if outcome.driver_stuck else EXIT_OK), handed_over
+
+    def complete(self, spec: TaskSpec, outcome: Outcome, retries_done: int, begun: float) -> tuple[str, dict] | None:
+        """Record a run's outcome and log the task's end; returns the entry handed over, if any."""
         self.retry_note = ""
-        handed_over = self.record(spec, outcome, started.retries)
+        handed_over = self.record(spec, outcome, retries_done)
         self.current.set(None, None)
         self.tasks_done += 1
         heartbeat.beat(task_started_at=0.0, tasks_done=self.tasks_done)
@@ -430,27 +446,23 @@ class Worker:
             what, spec.id, self.provider, spec.type, outcome.status, time.monotonic() - begun, os.getpid(),
             self.retry_note, f" error={outcome.error!r}" if outcome.error else "",
         )  # fmt: skip
-        return (EXIT_DRIVER_STUCK if outcome.driver_stuck else EXIT_OK), handed_over
+        return handed_over
 
-    def probe(self, spec: TaskSpec, context: TaskContext) -> Outcome | None:
+    def probe(self, spec: TaskSpec, context: TaskContext, end_stuck: Callable[[Outcome], None]) -> Outcome | None:
         """Ask the driver what the interrupted run did; None when the task should run now."""
-        answer = run_probe(self.driver, spec, context, self.redactor, lambda: self.abort_current)
+
+        def probe_stuck(answer: ProbeOutcome) -> None:
+            end_stuck(_outcome_of_probe(answer) or Outcome(TaskStatus.FAILED, error=answer.error, driver_stuck=True))
+
+        answer = run_probe(self.driver, spec, context, self.redactor, lambda: self.abort_current, probe_stuck)
         log.info(
             "probe answered task_id=%s provider=%s type=%s outcome=%s%s",
             spec.id, self.provider, spec.type, answer.outcome, f" error={answer.error!r}" if answer.error else "",
         )  # fmt: skip
-        if answer.stopped:
-            # Stopped by a cancel, the deadline or a shutdown: ended as any run is.
-            status = {"cancel": TaskStatus.CANCELLED, "timeout": TaskStatus.TIMEOUT}.get(answer.stopped, TaskStatus.PENDING)
-            return Outcome(status, error=answer.error if status == TaskStatus.TIMEOUT else "",
-                           message=f"probe stopped: {answer.stopped}", driver_stuck=answer.driver_stuck)
-        if answer.outcome == "completed":
-            return Outcome(TaskStatus.COMPLETED, result=answer.result, message="the interrupted run had completed (probe)")
-        if answer.outcome == "failed":
-            return Outcome(TaskStatus.FAILED, error=f"interrupted; {answer.error or 'the probe found it had not taken effect'}",
-                           message="interrupted", retryable=False, given_up=True)
-        context.progress(0, "the interrupted run had not taken effect (probe); running it again")
-        return None
+        outcome = _outcome_of_probe(answer)
+        if outcome is None:
+            context.progress(0, "the interrupted run had not taken effect (probe); running it again")
+        return outcome
 
     def record(self, spec: TaskSpec, outcome: Outcome, retries_done: int = 0) -> tuple[str, dict] | None:
         """Write the outcome, retrying while Redis is unreachable; the task must not be lost.
@@ -514,6 +526,21 @@ class Worker:
                 log.warning("progress not recorded task_id=%s provider=%s error=%s", spec.id, self.provider, exc)
 
         return report
+
+
+def _outcome_of_probe(answer: ProbeOutcome) -> Outcome | None:
+    """Turn a probe's reply into the task's outcome; None when the task should run now."""
+    if answer.stopped:
+        # Stopped by a cancel, the deadline or a shutdown: ended as any run is.
+        status = {"cancel": TaskStatus.CANCELLED, "timeout": TaskStatus.TIMEOUT}.get(answer.stopped, TaskStatus.PENDING)
+        return Outcome(status, error=answer.error if status == TaskStatus.TIMEOUT else "",
+                       message=f"probe stopped: {answer.stopped}", driver_stuck=answer.driver_stuck)
+    if answer.outcome == "completed":
+        return Outcome(TaskStatus.COMPLETED, result=answer.result, message="the interrupted run had completed (probe)")
+    if answer.outcome == "failed":
+        return Outcome(TaskStatus.FAILED, error=f"interrupted; {answer.error or 'the probe found it had not taken effect'}",
+                       message="interrupted", retryable=False, given_up=True)
+    return None
 
 
 def _instance_from_result(result_text: str) -> str:

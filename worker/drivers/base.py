@@ -11,9 +11,9 @@ task whose run was interrupted (its worker died, or the supervisor stopped it) a
 returns a `ProbeAnswer`. The worker calls it before it runs a non-idempotent task
 (create, delete, reset) a second time; see `onInterrupt` in docs/configuration.md.
 
-The worker calls the method in a separate thread. When the task's timeout passes, a
-cancel arrives or the worker must shut down, the worker sets `context.cancelled`; the method must then stop its
-work and return or raise soon. A method that keeps running past the kill grace gets
+The worker calls the method in its main thread, and a watchdog thread sets
+`context.cancelled` when the task's timeout passes, a cancel arrives or the worker must
+shut down. The method must then stop its work and return or raise soon. A method that keeps running past the kill grace gets
 its worker process replaced, which is the only way to stop Python code by force.
 """
 
