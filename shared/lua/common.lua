@@ -107,7 +107,7 @@ end
 
 -- Set an instance's status after one of its tasks ended or went back to pending.
 -- `rule` is a status, 'restore' (the status from before the task, or 'unknown') or
--- 'keep'. Returns true when the instance hash was written.
+-- 'keep'. Returns true and the status written when the instance hash was written.
 local function apply_instance_rule(task_key, instances_key, instance, rule)
   if instance == nil or instance == '' or rule == 'keep' then
     return false
@@ -120,5 +120,5 @@ local function apply_instance_rule(task_key, instances_key, instance, rule)
     end
   end
   redis.call('HSET', instances_key, instance, target)
-  return true
+  return true, target
 end

@@ -24,7 +24,7 @@ local retry_due, retries_key = ARGV[9], KEYS[8]
 local take_count = tonumber(ARGV[10])
 local FIRST_FIELD = 11 + take_count
 
-local known = redis.call('HMGET', task_key, 'status', 'owner', 'version')
+local known = redis.call('HMGET', task_key, 'status', 'owner', 'version', 'instance')
 local status = known[1]
 if not status then
   return {'missing'}
@@ -75,12 +75,18 @@ if new_status == 'pending' then
 end
 redis.call('HSET', task_key, unpack(fields))
 
-local instance = redis.call('HGET', task_key, 'instance')
-local changed = apply_instance_rule(task_key, instances_key, instance, rule)
-
-if redis.call('GET', lease_key) == owner then
-  redis.call('DEL', lease_key)
+-- A create task's end may name the instance that it created.
+local instance = known[4]
+for i = FIRST_FIELD, #ARGV - 1, 2 do
+  if ARGV[i] == 'instance' then
+    instance = ARGV[i + 1]
+  end
 end
+local changed, instance_now = apply_instance_rule(task_key, instances_key, instance, rule)
+
+-- The owner check above means the lease is this owner's or has expired: another
+-- worker that took the task over would have become its owner.
+redis.call('DEL', lease_key)
 redis.call('HDEL', busy_key, owner)
 local reply = {'ok'}
 if TERMINAL[new_status] then
@@ -95,7 +101,7 @@ if TERMINAL[new_status] then
     end
   end
 end
-emit(task_key, events_key, maxlen, instance_status(instances_key, instance), changed)
+emit(task_key, events_key, maxlen, instance_now or instance_status(instances_key, instance), changed)
 if #reply == 1 and take_count > 0 and handoff_consumer ~= '' then
   local taken = take_entry(stream_key, group, handoff_consumer, ARGV[11], ARGV, 12)
   if taken[1] == 'entry' then

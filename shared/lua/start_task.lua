@@ -139,7 +139,10 @@ local function start_task(KEYS, ARGV)
   end
 
   if instance ~= '' then
-    redis.call('ZADD', queue_key, 'NX', 0, queue_member(entry))
+    -- take_entry.lua marks its keys `queued`: it has just added the entry to the queue.
+    if not KEYS.queued then
+      redis.call('ZADD', queue_key, 'NX', 0, queue_member(entry))
+    end
     -- The entry is in the stream: a task whose entry was removed has ended, and returned above.
     local head = queue_head(queue_key, stream_key, entry)
     if head and head ~= entry then
@@ -209,7 +212,7 @@ local function start_task(KEYS, ARGV)
   redis.call('HSET', task_key, unpack(fields))
   redis.call('SET', lease_key, owner, 'PX', lease_ms)
   redis.call('HSET', busy_key, owner, (known[11] or '') .. ' ' .. t)
-  emit(task_key, events_key, maxlen, instance_status(instances_key, instance), changed)
+  emit(task_key, events_key, maxlen, changed and running_rule or instance_status(instances_key, instance), changed)
   local retries = known[10] or '0'
   if interrupted and on_interrupt == 'probe' then
     return {'probe', attempts, retries}

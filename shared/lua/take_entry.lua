@@ -65,6 +65,8 @@ local function take_entry(stream_key, group, consumer, queue_prefix, args, first
   local p = args[first]
   local keys = {p .. 'task:' .. task_id, p .. 'events', p .. 'instances', p .. 'lease:' .. task_id, stream_key,
     queue_prefix .. instance, p .. 'busy', p .. 'dead', p .. 'limit'}
+  -- The entry is in its instance's queue already (see start_task.lua).
+  keys.queued = instance ~= '' and #instance <= 128
   local start_args = {args[first + 4], args[first + 2], args[first + 3], rules[1], rules[2], group, entry[1],
     'registered', rules[4], args[first + 5], args[first + 6], rules[3], args[first + 7]}
   local started = start_task(keys, start_args)
