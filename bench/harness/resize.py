@@ -188,7 +188,7 @@ def measure_resize(server: PrivateRedis, context: RunContext, repetitions: int, 
                         f" a PUBLISH on {TASKVISOR_PREFIX}:config, {RESIZE_AFTER_SECONDS:g} s after the first of"
                         f" {tasks} tasks of {task_seconds:g} s started (Python driver bench/apps/sleep_driver.py),"
                         f" plus (run - 1) / {repetitions} s, so the changes fall at different points of the"
-                        " supervisor's 1-second loop"),
+                        " supervisor's loop, which runs every 0.25 s"),
         "tasks": tasks,
         "task_seconds": task_seconds,
         "runs": runs,
