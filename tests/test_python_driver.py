@@ -77,4 +77,6 @@ def test_stuck_driver_cancel_recorded(run_provider, redis_server):
              10, "the stuck worker to exit")
     assert client.hget("taskvisor:{py}:instances", "vm-1") == b"stopped"
     assert "driver ignored stop request task_id=stuck provider=py reason=cancel" in supervisor.log()
-    assert "child exited with code 4 role=worker provider=py" in supervisor.log()
+    # The supervisor logs the exit code when it reaps the worker, which can follow its exit.
+    wait_for(lambda: "child exited with code 4 role=worker provider=py" in supervisor.log(), 5,
+             "the supervisor to reap the worker")
