@@ -34,3 +34,14 @@ class StubbornDriver(Driver):
 
     def stop(self, context: TaskContext) -> dict:
         return {"pid": os.getpid()}
+
+
+class StubbornProbeDriver(Driver):
+    """Creates by waiting until stopped, and probes an interrupted create by ignoring every stop request."""
+
+    def create(self, context: TaskContext) -> None:
+        context.cancelled.wait(3600)
+        raise TaskFailed("stopped")
+
+    def probe(self, context: TaskContext) -> None:
+        time.sleep(3600)

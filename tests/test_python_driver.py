@@ -1,5 +1,8 @@
 """Python drivers run by a real supervisor: results, failures, timeouts and stuck drivers."""
 
+import os
+import signal
+
 import psutil
 import pytest
 
@@ -80,3 +83,22 @@ def test_stuck_driver_cancel_recorded(run_provider, redis_server):
     # The supervisor logs the exit code when it reaps the worker, which can follow its exit.
     wait_for(lambda: "child exited with code 4 role=worker provider=py" in supervisor.log(), 5,
              "the supervisor to reap the worker")
+
+
+def test_stuck_probe_replaces_worker(start_supervisor, redis_server):
+    # A lease of 60 s: the supervisor releases the killed worker's lease when it reaps it.
+    driver = {"type": "tests.sample_drivers:StubbornProbeDriver", "killGrace": 0.2}
+    supervisor = start_supervisor({"py": {"driver": driver, "timeouts": {"create": 1}}}, leaseSeconds=60)
+    client = redis_server.client()
+    client.xadd("taskvisor:{py}:tasks", {"id": "made", "type": "create", "instance": "vm-1", "user": "u"})
+    wait_for(lambda: task_hash(client, "py", "made").get("status") == "running", 10, "the create to start")
+    first_pid = int(task_hash(client, "py", "made")["owner"].rsplit(":", 1)[1])
+    os.kill(first_pid, signal.SIGKILL)
+
+    wait_for(lambda: task_hash(client, "py", "made").get("status") == "timeout", 15, "the probe's timeout")
+    task = task_hash(client, "py", "made")
+    assert task["attempts"] == "2"
+    assert task["message"] == "probe stopped: timeout"
+    assert "driver ignored stop request during a probe task_id=made provider=py" in supervisor.log()
+    wait_for(lambda: "child exited with code 4 role=worker provider=py" in supervisor.log(), 5,
+             "the supervisor to reap the worker that ran the probe")
