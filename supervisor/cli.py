@@ -80,7 +80,7 @@ def db() -> None:
 @connection_options(uses_redis=False)
 def db_init(config: Config) -> None:
     """Create or upgrade the SQL tables; safe to run more than once."""
-    store_call(config, lambda store: store.init_schema())
+    store_call(config, lambda store: store.init_schema(), create=True)
     click.echo(f"schema ready at {redact_url(config.database.url)}")
 
 

@@ -73,10 +73,14 @@ def task_state(config: Config, client: redis.Redis | None = None) -> TaskState:
     )  # fmt: skip
 
 
-def store_call(config: Config, action):
-    """Open the SQL store, run `action(store)`, close it; a StoreError ends the command."""
+def store_call(config: Config, action, create: bool = False):
+    """Open the SQL store, run `action(store)`, close it; a StoreError ends the command.
+
+    Only `create` makes a SQLite file that does not exist yet, so that a read with a wrong
+    path reports it instead of leaving an empty database there.
+    """
     try:
-        store = open_store(config.database.url, config.base_dir)
+        store = open_store(config.database.url, config.base_dir, create=create)
         try:
             return action(store)
         finally:

@@ -130,9 +130,20 @@ def test_get_unknown_task(config_file):
     assert "task 'no-such-task' not found in Redis or in the database" in result.stderr
 
 
-def test_list_before_db_init(config_file):
+def test_list_missing_database_file(config_file, sqlite_url):
+    path = sqlite_url.removeprefix("sqlite:///")
+    for command in (["list"], ["get", "no-such-task"], ["stats"]):
+        result = taskvisor(*command, env={"TASKVISOR_CONFIG": str(config_file)})
+        assert result.returncode == 1
+        assert f"SQLite database {path} (from {sqlite_url}) does not exist: check database.url" in result.stderr
+    assert not os.path.exists(path)
+
+
+def test_list_before_db_init(config_file, sqlite_url):
+    # An empty file, as a database that another tool created, has no taskvisor tables.
+    open(sqlite_url.removeprefix("sqlite:///"), "wb").close()
     result = taskvisor("list", env={"TASKVISOR_CONFIG": str(config_file)})
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert "the taskvisor tables do not exist yet: run `taskvisor db init`" in result.stderr
 
 

@@ -320,3 +320,14 @@ def test_start_reserves_id_on_one_server(client):
     assert started.detail == f"p {first.entry}"
     assert client.exists(KEYS.task("q", "same")) == 0
     assert state.locate("same") == "p"
+
+
+def test_start_names_holder_of_id(client):
+    state = make_state(client)
+    first = push(client, "p", id="twice", type="start", instance="vm-1", user="u")
+    second = push(client, "p", id="twice", type="stop", instance="vm-2", user="u")
+    state.admit(first, 300)
+
+    started = state.start(second, 300, "w1", 5000, registered_only=True)
+    assert started.outcome == "duplicate"
+    assert started.detail == f"p {first.entry}"

@@ -26,9 +26,8 @@
 --   {'finished', status}           it has ended; the entry is acknowledged here
 --   {'interrupted', status}        its interrupted run was given up, or it was poison
 --   {'cancel_requested'}           a stored cancel request must be applied first
---   {'duplicate', entry}           the id belongs to an earlier entry (with the task index
---                                  given and the id reserved by another task: that task's
---                                  `<provider> <entry>`)
+--   {'duplicate', holder}          the id belongs to an earlier entry: `<provider> <entry>`
+--                                  of the task that has it
 --   {'unregistered'}               not registered yet, and ARGV 8 asked not to create it
 local function start_task(KEYS, ARGV)
   local task_key, events_key, instances_key, lease_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -46,7 +45,7 @@ local function start_task(KEYS, ARGV)
   local WORKERS_KEPT = 20
 
   local known = redis.call('HMGET', task_key, 'status', 'entry', 'cancel_request_user', 'instance', 'retry_at',
-    'interrupted', 'workers', 'attempts', 'version', 'retries', 'id')
+    'interrupted', 'workers', 'attempts', 'version', 'retries', 'id', 'provider')
   local status = known[1]
   if not status then
     -- Registering a task requires its id reserved in the task index first. That key is in
@@ -71,12 +70,12 @@ local function start_task(KEYS, ARGV)
     end
     create_pending(task_key, events_key, maxlen, ARGV, FIRST_FIELD)
     known = redis.call('HMGET', task_key, 'status', 'entry', 'cancel_request_user', 'instance', 'retry_at',
-      'interrupted', 'workers', 'attempts', 'version', 'retries', 'id')
+      'interrupted', 'workers', 'attempts', 'version', 'retries', 'id', 'provider')
     status = 'pending'
   end
   local first_entry = known[2]
   if first_entry ~= entry then
-    return {'duplicate', first_entry or ''}
+    return {'duplicate', (known[12] or '') .. ' ' .. (first_entry or '')}
   end
   if TERMINAL[status] then
     remove_entry(stream_key, group, entry, queue_key)

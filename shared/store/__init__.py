@@ -23,16 +23,24 @@ ACCEPTED_FORMS = (
 )
 
 
-def open_store(url: str, base_dir: str = ".") -> Store:
+def open_store(url: str, base_dir: str = ".", create: bool = True) -> Store:
     """Connect to the store at `url` and return it.
 
-    A relative SQLite path is taken relative to `base_dir`. Raises StoreError if the URL is
-    invalid or the database cannot be opened. Messages show the URL with the password as ***.
+    A relative SQLite path is taken relative to `base_dir`. With `create` False, a SQLite
+    file that does not exist is an error instead of a new empty database. Raises StoreError
+    if the URL is invalid or the database cannot be opened. Messages show the URL with the
+    password as ***.
     """
     parts = _split(url)
     scheme = parts.scheme.lower()
     if scheme == "sqlite":
-        return SqliteStore(_sqlite_path(url, parts, base_dir), redact_url(url))
+        path = _sqlite_path(url, parts, base_dir)
+        if not create and not os.path.exists(path):
+            raise StoreError(
+                f"SQLite database {path} (from {redact_url(url)}) does not exist: check database.url in the"
+                " config, or run `taskvisor db init` (or start the supervisor) to create it"
+            )
+        return SqliteStore(path, redact_url(url))
     if scheme in ("mysql", "mariadb"):
         return _open_mysql(url, parts)
     raise _invalid(url, f"unknown scheme {parts.scheme!r}")
