@@ -92,7 +92,8 @@ def parse_timeout(text: str) -> float:
     """Parse a timeout in seconds, raising InvalidEntry unless it is a positive decimal number."""
     if not TIMEOUT_PATTERN.match(text):
         raise InvalidEntry(
-            f"field 'timeout' has invalid value {text!r}: expected a positive number of seconds such as 300 or 2.5"
+            f"field 'timeout' has invalid value {text!r}: expected a positive number of seconds such as 300 or 2.5,"
+            " written as plain digits with at most 6 after one '.' (no sign, exponent or spaces)"
         )
     value = float(text)
     if not math.isfinite(value) or value <= 0:

@@ -97,6 +97,7 @@ def test_entry_defaults():
         ({"id": "x" * 65}, "field 'id' has invalid value"),
         ({"timeout": "604801"}, "at most 604800 seconds"),
         ({"timeout": "inf"}, "expected a positive number of seconds"),
+        ({"timeout": "1e3"}, "written as plain digits with at most 6 after one '.' (no sign, exponent or spaces)"),
         ({"data": '"text"'}, "field 'data' must be a JSON object, got str"),
         ({"data": '{"pad": "' + "x" * 70000 + '"}'}, "field 'data' is larger than the limit of 65536 bytes"),
         ({"user": "bob smith"}, "field 'user' has invalid value 'bob smith'"),
