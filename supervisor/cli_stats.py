@@ -57,7 +57,7 @@ def nearest_rank(sorted_values: list[float], percent: int) -> float | None:
 def _read_sql(store: Store, config: Config, now: float) -> dict[str, Any]:
     counts = store.count_by_provider_status()
     durations = store.run_durations(now - RUN_TIME_WINDOW_SECONDS, RUN_TIME_SAMPLE_LIMIT)
-    errors, terminal = store.error_rate(now - ERROR_RATE_WINDOW_SECONDS)
+    errors, terminal, rejected = store.error_rate(now - ERROR_RATE_WINDOW_SECONDS)
     return {
         "generated_at": now,
         "status_counts": _status_counts(counts, config),
@@ -67,6 +67,7 @@ def _read_sql(store: Store, config: Config, now: float) -> dict[str, Any]:
             "errors": errors,
             "terminal": terminal,
             "percent": 100 * errors / terminal if terminal else None,
+            "rejected": rejected,
         },
     }
 
@@ -204,6 +205,11 @@ def _print_error_rate(error_rate: dict[str, Any]) -> None:
         f"Errors in the last {hours:g} h: {error_rate['errors']} of {error_rate['terminal']} tasks ({percent})"
         " ended as failed or timeout; cancelled tasks count as ended, not as errors"
     )
+    if error_rate["rejected"]:
+        click.echo(
+            f"Rejected entries in the last {hours:g} h: {error_rate['rejected']} (invalid input from producers,"
+            " not counted above; see `taskvisor list --status failed` and the dead-letter stream)"
+        )
 
 
 def _format_seconds(seconds: float | None) -> str:

@@ -158,6 +158,7 @@ def test_stats_json(config_file: Path, filled_database: str, filled_redis: str) 
     assert report["error_rate"]["errors"] == 3
     assert report["error_rate"]["terminal"] == 26
     assert report["error_rate"]["percent"] == pytest.approx(100 * 3 / 26)
+    assert report["error_rate"]["rejected"] == 0
 
 
 def test_stats_without_redis(config_file: Path, filled_database: str, redis_server) -> None:

@@ -560,7 +560,7 @@ def test_run_durations_limit_keeps_newest(store: Store) -> None:
 
 def test_error_rate(store: Store) -> None:
     since = BASE_TIME + 3600
-    assert store.error_rate(since) == (0, 0)
+    assert store.error_rate(since) == (0, 0, 0)
 
     store.write_batch(
         [
@@ -570,6 +570,7 @@ def test_error_rate(store: Store) -> None:
             finished_task("timeout-1", "timeout", since, since + 4),
             finished_task("cancelled-1", "cancelled", None, since + 5),
             finished_task("cancelled-2", "cancelled", since, since),
+            finished_task("rejected-1", "failed", None, since + 2, error_message="rejected: field 'user' is missing"),
             # Ended before `since`, or not ended: not counted.
             finished_task("failed-old", "failed", since - 10, since - 1),
             finished_task("completed-old", "completed", since - 10, since - 1),
@@ -579,10 +580,11 @@ def test_error_rate(store: Store) -> None:
         [],
     )
 
-    errors, terminal = store.error_rate(since)
+    errors, terminal, rejected = store.error_rate(since)
     assert errors == 2
     assert terminal == 6
-    assert store.error_rate(since + 4.5) == (0, 1)
+    assert rejected == 1
+    assert store.error_rate(since + 4.5) == (0, 1, 0)
 
 
 def test_mysql_unanswered_server_times_out() -> None:

@@ -351,24 +351,29 @@ class Store(ABC):
             durations.setdefault(row["task_type"], []).append(seconds)
         return durations
 
-    def error_rate(self, since: float) -> tuple[int, int]:
-        """Return (errors, terminal) task counts for tasks completed at or after `since`.
+    def error_rate(self, since: float) -> tuple[int, int, int]:
+        """Return (errors, terminal, rejected) task counts for tasks completed at or after `since`.
 
-        `terminal` counts every terminal status, cancelled included. `errors` counts only
-        `failed` and `timeout`, so a cancelled task is never an error.
+        `rejected` counts the tasks of entries rejected as invalid (`failed` with an error
+        starting `rejected: `), which no driver ran. `terminal` counts the other tasks in
+        every terminal status, cancelled included, and `errors` the other `failed` and
+        `timeout` ones, so neither a cancelled task nor a producer's invalid entry is an error.
         """
         marker = self.placeholder
         terminal = sorted(status.value for status in TERMINAL_STATUSES)
         sql = (
-            "SELECT status, COUNT(*) AS task_count FROM taskvisor_tasks"
+            f"SELECT CASE WHEN status = {marker} AND error_message LIKE {marker} THEN {marker} ELSE status END"
+            " AS outcome, COUNT(*) AS task_count FROM taskvisor_tasks"
             f" WHERE completed_at >= {marker} AND status IN ({', '.join(marker for _ in terminal)})"
-            " GROUP BY status"
+            " GROUP BY outcome"
         )
-        rows = self._select(sql, (time_parameter("since", since), *terminal))
+        parameters = (TaskStatus.FAILED.value, "rejected: %", "rejected", time_parameter("since", since), *terminal)
+        rows = self._select(sql, parameters)
 
-        counts = {row["status"]: int(row["task_count"]) for row in rows}
+        counts = {row["outcome"]: int(row["task_count"]) for row in rows}
+        rejected = counts.pop("rejected", 0)
         errors = counts.get(TaskStatus.FAILED.value, 0) + counts.get(TaskStatus.TIMEOUT.value, 0)
-        return errors, sum(counts.values())
+        return errors, sum(counts.values()), rejected
 
     def _finished_before(self, before: float) -> tuple[str, list[Any]]:
         """Return the WHERE condition and parameters that select tasks that ended before `before`.
