@@ -85,7 +85,7 @@ class FinishResult:
 
     `outcome` is "ok", "missing", "fenced" or "illegal" (with `current`, the status the
     task has). `handed_over` is the (entry id, fields) of the instance's next task when
-    it was handed to the finishing worker. `taken` is (entry id, fields, start result or
+    it was handed to the finishing worker. `taken_entry` is (entry id, fields, start result or
     None) when the script took the stream's next new entry for the worker instead.
     """
 
@@ -93,12 +93,12 @@ class FinishResult:
         self.outcome = _text(reply[0])
         self.current = ""
         self.handed_over: tuple[str, dict] | None = None
-        self.taken: tuple[str, dict, StartResult | None] | None = None
+        self.taken_entry: tuple[str, dict, StartResult | None] | None = None
         if self.outcome == "taken":
             self.outcome = "ok"
             flat = reply[2]
             started = StartResult(reply[3:]) if len(reply) > 3 else None
-            self.taken = (_text(reply[1]), {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}, started)
+            self.taken_entry = (_text(reply[1]), {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}, started)
         elif self.outcome == "ok" and len(reply) == 3:
             flat = reply[2]
             self.handed_over = (_text(reply[1]), {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)})
@@ -245,8 +245,8 @@ class TaskState:
         """Try to move the task to running for `owner`.
 
         With `registered_only`, a task not registered yet is not created here and
-        the reply is "unregistered". Otherwise a task not registered yet is created: on a
-        Redis Cluster the caller must have reserved its id with `claim_id`, and on one
+        the reply is "unregistered". Otherwise a task not registered yet is created. On a
+        Redis Cluster the caller must have reserved its id with `claim_id` first, and on one
         server the script reserves it (reply "duplicate" with `<provider> <entry>` of the
         task that holds the id).
         `on_interrupt` says what happens when the task's previous run was interrupted

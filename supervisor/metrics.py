@@ -176,20 +176,16 @@ class TaskEventReader:
         )  # fmt: skip
         for (provider, task_type), count in retries:
             out.sample("taskvisor_task_retries_total", {"provider": provider, "type": task_type}, count)
-        out.family(
-            "taskvisor_task_run_seconds", "histogram",
-            "Run time of the last run of ended tasks (completed_at - started_at) in seconds.",
-        )  # fmt: skip
-        for (provider, task_type), counts, total in histograms["run"]:
-            labels = {"provider": provider, "type": task_type}
-            out.histogram("taskvisor_task_run_seconds", labels, DURATION_BUCKETS, counts, total)
-        out.family(
-            "taskvisor_task_queue_wait_seconds", "histogram",
-            "Time from registration to the start of the last run of ended tasks (started_at - created_at) in seconds.",
-        )  # fmt: skip
-        for (provider, task_type), counts, total in histograms["wait"]:
-            labels = {"provider": provider, "type": task_type}
-            out.histogram("taskvisor_task_queue_wait_seconds", labels, DURATION_BUCKETS, counts, total)
+        for name, description, source in (
+            ("taskvisor_task_run_seconds",
+             "Run time of the last run of ended tasks (completed_at - started_at) in seconds.", "run"),
+            ("taskvisor_task_queue_wait_seconds",
+             "Time from registration to the start of the last run of ended tasks (started_at - created_at) in seconds.",
+             "wait"),
+        ):  # fmt: skip
+            out.family(name, "histogram", description)
+            for (provider, task_type), counts, total in histograms[source]:
+                out.histogram(name, {"provider": provider, "type": task_type}, DURATION_BUCKETS, counts, total)
 
 
 def newest_ids(client: redis.Redis, streams: list[str]) -> dict[str, str]:

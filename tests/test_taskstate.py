@@ -243,8 +243,8 @@ def test_finish_takes_and_starts_next(client):
     finished = state.finish(first, "w1", TaskStatus.COMPLETED, {}, "c1", start_arguments=worker_start_arguments(state, "p", "w1"))
     assert finished.outcome == "ok"
     assert finished.handed_over is None
-    taken_entry, taken_fields, started = finished.taken
-    assert taken_entry == entry_id
+    taken_id, taken_fields, started = finished.taken_entry
+    assert taken_id == entry_id
     assert taken_fields[b"id"] == b"n2"
     assert started.outcome == "ok"
     assert client.hget(KEYS.task("p", "n2"), "status") == b"running"
@@ -262,8 +262,8 @@ def test_finish_takes_unregistered_entry(client):
     assert state.start(first, 300, "w1", 5000).outcome == "ok"
 
     finished = state.finish(first, "w1", TaskStatus.COMPLETED, {}, "c1", start_arguments=worker_start_arguments(state, "p", "w1"))
-    assert finished.taken[0] == entry_id
-    assert finished.taken[2].outcome == "unregistered"
+    assert finished.taken_entry[0] == entry_id
+    assert finished.taken_entry[2].outcome == "unregistered"
     assert client.exists(KEYS.task("p", "u2")) == 0
 
 
@@ -275,7 +275,7 @@ def test_finish_without_arguments_takes_nothing(client):
     assert state.start(first, 300, "w1", 5000).outcome == "ok"
 
     finished = state.finish(first, "w1", TaskStatus.COMPLETED, {}, "c1")
-    assert finished.taken is None
+    assert finished.taken_entry is None
     assert client.xpending(KEYS.tasks("p"), WORKER_GROUP)["pending"] == 0
 
 
@@ -288,7 +288,7 @@ def test_finish_hands_over_before_taking(client):
 
     finished = state.finish(first, "w1", TaskStatus.COMPLETED, {}, "c1", start_arguments=worker_start_arguments(state, "p", "w1"))
     assert finished.handed_over[0] == second.entry
-    assert finished.taken is None
+    assert finished.taken_entry is None
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ class _Call:
     def __call__(self) -> None:
         try:
             self.result = self.handler(self.context)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+        except BaseException as exc:  # noqa: BLE001 - decide_outcome turns it into the task's outcome
             self.error = exc
 
 
@@ -183,8 +183,8 @@ def _run_watched(call: "_Call", context: TaskContext, shutdown_requested: Callab
                  give_up: Callable[[], None]) -> None:  # fmt: skip
     """Run `call` in this thread while the watchdog enforces its deadline and stop requests.
 
-    When the watchdog gave the call up before it returned, `give_up` is ending the
-    process from the watchdog thread, so this thread waits for that.
+    When the watchdog gave the call up before it returned, `give_up` ends the process
+    from the watchdog thread, so this thread only waits.
     """
     watched = _Watched(context, shutdown_requested, give_up)
     _watchdog.watch(watched)

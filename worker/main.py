@@ -147,15 +147,16 @@ class Worker:
         log.info("worker started provider=%s consumer=%s pid=%d", self.provider, self.consumer, os.getpid())
 
         code = self.loop()
-        if self.taken_at_finish is not None and code != EXIT_DRIVER_STUCK:
-            # Taken and started just before the loop ended (a SIGTERM, a recycling
-            # limit): it runs to its end like any current task.
-            taken, self.taken_at_finish = self.taken_at_finish, None
-            if self.run_taken(*taken) == EXIT_DRIVER_STUCK:
-                code = EXIT_DRIVER_STUCK
+        # An entry taken and started just before the loop ended (a SIGTERM, a recycling
+        # limit) runs to its end like any current task.
+        if code != EXIT_DRIVER_STUCK and self.run_taken_at_finish() == EXIT_DRIVER_STUCK:
+            code = EXIT_DRIVER_STUCK
         self.driver.close()
-        log.info("worker stopped provider=%s pid=%d tasks_done=%d", self.provider, os.getpid(), self.tasks_done)
+        self.log_stopped()
         return code
+
+    def log_stopped(self) -> None:
+        log.info("worker stopped provider=%s pid=%d tasks_done=%d", self.provider, os.getpid(), self.tasks_done)
 
     # -- main loop --------------------------------------------------------------
 
@@ -176,9 +177,8 @@ class Worker:
                 break
             try:
                 if self.taken_at_finish is not None:
-                    # Started by the end of a task run from the checks below.
-                    taken, self.taken_at_finish = self.taken_at_finish, None
-                    if self.run_taken(*taken) == EXIT_DRIVER_STUCK:
+                    # Started by the end of a task that the checks below ran.
+                    if self.run_taken_at_finish() == EXIT_DRIVER_STUCK:
                         return EXIT_DRIVER_STUCK
                     continue
                 if time.monotonic() >= self.next_abandoned_check:
@@ -281,7 +281,10 @@ class Worker:
         A task's end takes the stream's next entry for this worker only while no check of
         the main loop is due (see `may_take_next`), so the loop still runs its checks on time.
         """
-        code = self.run_one_taken(entry_id, fields, started)
+        return self.run_taken_at_finish(self.run_one_taken(entry_id, fields, started))
+
+    def run_taken_at_finish(self, code: int = EXIT_OK) -> int:
+        """Run each entry that the end of a task took for this worker, while the runs end with EXIT_OK."""
         while code == EXIT_OK and self.taken_at_finish is not None:
             taken, self.taken_at_finish = self.taken_at_finish, None
             code = self.run_one_taken(*taken)
@@ -414,10 +417,10 @@ class Worker:
         heartbeat.beat(task_started_at=time.time())
 
         def end_stuck(outcome: Outcome) -> None:
-            # Called from the watchdog thread while the driver's method still runs in the
-            # main thread: record the task's end and exit, which stops that method.
+            # The watchdog thread calls this while the driver's method still runs in the
+            # main thread. Exiting after recording the task's end stops that method.
             self.complete(spec, outcome, started.retries, begun)
-            log.info("worker stopped provider=%s pid=%d tasks_done=%d", self.provider, os.getpid(), self.tasks_done)
+            self.log_stopped()
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os._exit(EXIT_DRIVER_STUCK)
@@ -503,7 +506,7 @@ class Worker:
         while True:
             try:
                 result = self.state.finish(spec, self.owner, status, fields, handoff, retry_due_ms, instance_rule, take_next)
-                self.taken_at_finish = result.taken
+                self.taken_at_finish = result.taken_entry
                 return result.handed_over
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable while recording task_id=%s provider=%s retry_in=%.1fs error=%s", spec.id, self.provider, delay, exc)

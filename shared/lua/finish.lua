@@ -2,9 +2,10 @@
 -- KEYS: task hash, event stream, instance hash, lease key, task stream, instance queue,
 --       busy hash, retry schedule (sorted set of entry ids by due time in milliseconds).
 -- ARGV: events maxlen, owner, new status, instance rule, instance rule after a cancel,
---       consumer group, stream entry id, handoff consumer, the due time in milliseconds
---       of an automatic retry ('' for none; the new status is then pending), the number
---       n of take arguments, the n take arguments, then field/value pairs to set.
+--       consumer group, stream entry id, handoff consumer, and the due time in
+--       milliseconds of an automatic retry ('' for none). With a due time the new status
+--       is pending. Then come the number n of take arguments, the n take arguments, and
+--       the field/value pairs to set.
 --       An instance rule is a status, 'restore' or 'keep'. The handoff consumer gets the
 --       instance's next task; '' hands nothing over. The take arguments are the instance
 --       queue key prefix and the start arguments of take_entry.lua. With them, when no

@@ -55,12 +55,12 @@ local function start_task(KEYS, ARGV)
     end
     local index_key = KEYS[10]
     if index_key then
-      local given = {}
+      local new_fields = {}
       for i = FIRST_FIELD, #ARGV - 1, 2 do
-        given[ARGV[i]] = ARGV[i + 1]
+        new_fields[ARGV[i]] = ARGV[i + 1]
       end
-      local task_id = given.id or ''
-      local reserver = (given.provider or '') .. ' ' .. entry
+      local task_id = new_fields.id or ''
+      local reserver = (new_fields.provider or '') .. ' ' .. entry
       if redis.call('HSETNX', index_key, task_id, reserver) == 0 then
         local current = redis.call('HGET', index_key, task_id)
         if current and current ~= '' and current ~= reserver then

@@ -5,12 +5,13 @@
 -- of its queue.
 -- When `args` contains start arguments from index `first` on, the entry's task is also
 -- started for the consumer when the intake has registered it, which saves the worker a
--- round trip per task. The start arguments, in order: the provider's key prefix
+-- round trip per task. The start arguments are, in order: the provider's key prefix
 -- (`<prefix>:{<p>}:`), provider, owner, lease ms, events maxlen, runs lost before a task
--- is poison, concurrency limit, dead-letter maxlen, and the rules of every task type in
--- one text: `;<type>=<instance status while running>,<after a cancel>,<when given up>,
--- <on-interrupt action>` for each type. One text instead of 35 arguments keeps the
--- worker's cost of sending them low, because it sends them with every task.
+-- is poison, concurrency limit and dead-letter maxlen. The last one is a text with the
+-- rules of every task type: `;<type>=<instance status while running>,<after a cancel>,
+-- <when given up>,<on-interrupt action>` for each type. One text instead of 35
+-- arguments keeps the worker's cost of sending them low, because it sends them with
+-- every task.
 -- Returns {'entry', id, fields} or {'none', id of the newest entry, or '0-0'}; with a
 -- start, {'entry', id, fields, start_task's reply...}.
 local START_TYPES_AT = 8
