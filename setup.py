@@ -9,6 +9,8 @@ setup(
     package_data={"shared": ["lua/*.lua"]},
     install_requires=[
         "redis[hiredis]>=5.0",
+        # shared/redis_client.py packs the commands of a task's start and end with it.
+        "hiredis>=2.1",
         "msgspec>=0.18",
         "orjson>=3.9",
         "psutil>=5.9",

@@ -52,9 +52,23 @@ JSON_BASE_FIELDS = ("time", "level", "role", "pid", "logger", "message", "repeat
 _role = "cli"
 
 
+# This process's id, renewed in a forked child, so that a log line costs no getpid() call.
+_pid = os.getpid()
+
+
+def _renew_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_renew_pid)
+
+
 class _RoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.role = _role
+        # setup_logging turns off the logging module's own getpid() per record.
+        record.process = _pid
         return True
 
 
@@ -166,12 +180,12 @@ class TaskvisorHandler(logging.StreamHandler):
         self.clock = clock
         self.window = window
         self.repeats: dict[tuple[int, str, str], _Repeats] = {}
-        self.pid = os.getpid()
+        self.pid = _pid
 
     def emit(self, record: logging.LogRecord) -> None:
         # logging.Handler.handle holds self.lock around this call.
-        if self.pid != os.getpid():
-            self.pid = os.getpid()
+        if self.pid != _pid:
+            self.pid = _pid
             self.repeats.clear()
         now = self.clock()
         self._flush(now, force=False)
@@ -200,7 +214,7 @@ class TaskvisorHandler(logging.StreamHandler):
     def flush_repeats(self) -> None:
         """Write the summaries of all lines repeated so far, for example before the process exits."""
         with self.lock:
-            if self.pid == os.getpid():
+            if self.pid == _pid:
                 self._flush(self.clock(), force=True)
 
     def close(self) -> None:
@@ -224,9 +238,11 @@ def setup_logging(level: str = "INFO", log_format: str = "text", stream: TextIO 
     root.handlers[:] = [handler, ReconnectCounter()]
     # The formats name no source file, line, thread or multiprocessing process, so the
     # records need not look them up: the logging module's documented switches for that
-    # (see "Optimization" in the Python logging HOWTO). A worker logs two lines per task.
+    # (see "Optimization" in the Python logging HOWTO). The process id comes from
+    # _RoleFilter instead of a getpid() per record. A worker logs two lines per task.
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.logProcesses = False
     # The root level lets warnings through to ReconnectCounter; `handler` applies `level`.
     root.setLevel(min(logging.getLevelName(level.upper()), logging.WARNING))

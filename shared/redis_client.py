@@ -8,9 +8,12 @@ rest. The protocols are redis-py's own: `redis.Sentinel` and `redis.cluster.Redi
 """
 
 import logging
+import os
+import threading
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+import hiredis
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
@@ -196,3 +199,74 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+# Counts the forks that made this process, so that objects holding a socket notice a fork
+# without a getpid() system call on every use.
+_fork_generation = 0
+
+
+def _count_fork() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
+class DirectCommands:
+    """Commands sent on one connection of their own, packed by hiredis in a single C call.
+
+    For every command, redis-py checks and encodes each argument in Python and takes a
+    connection from its pool, with a poll of the socket. The end of a task sends about
+    40 arguments, so for a no-op task that work was about a fifth of a worker's CPU (245
+    against 195 µs per task in one measurement). This class sends the same bytes.
+
+    For a client of one server, also through Sentinel: a cluster client must route each
+    command to the node of its keys. Arguments must be str, bytes, int or float.
+    Replies stay bytes. Safe to share between threads, which take turns.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.pool = client.connection_pool
+        self.lock = threading.Lock()
+        self.connection: redis.Connection | None = None
+        self.generation = -1
+
+    def execute(self, commands: list[tuple]) -> list:
+        """Send the commands in one write and return their replies in order.
+
+        An error reply is returned as its exception instead of raised, so one failed
+        command does not hide the replies of the others. A connection error is raised
+        after the connection is closed; the next call opens a new one.
+        """
+        packed = b"".join([hiredis.pack_command(command) for command in commands])
+        with self.lock:
+            connection = self.connection
+            if connection is None or self.generation != _fork_generation:
+                # A forked child must not share its parent's socket.
+                connection = self.connection = self.pool.make_connection()
+                self.generation = _fork_generation
+            try:
+                if getattr(connection, "_sock", None) is None:
+                    # Connect through connect(), which a Sentinel connection overrides to
+                    # ask the sentinels for the master; send_packed_command would connect
+                    # to the connection's default address instead.
+                    connection.connect()
+                connection.send_packed_command([packed])
+                replies = []
+                for _command in commands:
+                    try:
+                        replies.append(connection.read_response())
+                    except redis.ResponseError as exc:
+                        replies.append(exc)
+            except BaseException:
+                connection.disconnect()
+                raise
+        return replies
+
+    def close(self) -> None:
+        with self.lock:
+            if self.connection is not None:
+                self.connection.disconnect()
+                self.connection = None

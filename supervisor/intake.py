@@ -144,29 +144,13 @@ class Intake:
         admitted = [(spec, timeout) for (spec, timeout), ok in zip(valid, claimed, strict=True) if ok]
         if not admitted:
             return read
-        try:
-            statuses = self.admit_all(admitted)
-        except redis.exceptions.NoScriptError:
-            if not self.cluster:
-                raise
-            # A cluster pipeline does not load scripts, and a node that became a master or
-            # restarted since the last load lacks them. Admitting a task twice changes nothing.
-            for script in self.state.scripts.values():
-                self.client.script_load(script.script)
-            statuses = self.admit_all(admitted)
+        statuses = self.state.admit_many(admitted)
         for (spec, _timeout), status in zip(admitted, statuses, strict=True):
             provider, task_id = spec.provider, spec.id
             if status in (b"cancel_requested", "cancel_requested"):
                 reply = self.state.cancel(provider, task_id, stored=True)
                 log.info("stored cancel request applied task_id=%s provider=%s reply=%s", task_id, provider, reply[0])
         return read
-
-    def admit_all(self, admitted: list[tuple[TaskSpec, float]]) -> list:
-        """Register the tasks as pending in one pipeline and return the admit script's replies."""
-        pipe = self.client.pipeline(transaction=False)
-        for spec, timeout in admitted:
-            self.state.admit(spec, timeout, pipe=pipe)
-        return pipe.execute()
 
 
 def intake_main(config: Config) -> int:

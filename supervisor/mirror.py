@@ -41,8 +41,8 @@ CLUSTER_IDLE_SECONDS = 0.1
 TRIM_INTERVAL_SECONDS = 10.0
 
 
-def _float_or_none(text: str) -> float | None:
-    return float(text) if text else None
+def _float_or_none(value: bytes | None) -> float | None:
+    return float(value) if value else None
 
 
 def event_position(entry_id: str) -> int:
@@ -51,58 +51,61 @@ def event_position(entry_id: str) -> int:
     return int(millis) * 1_000_000 + int(sequence or 0)
 
 
+def _field(raw: dict, name: bytes) -> str:
+    """Return one field of an event as text ('' when absent); fields are bytes, as Redis returns them."""
+    value = raw.get(name)
+    return value.decode("utf-8", "replace") if value else ""
+
+
 def records_from_events(events: list[tuple[str, dict]]) -> tuple[list[TaskRecord], list[InstanceRecord]]:
     """Build the newest task and instance rows from a batch of (entry id, fields) events.
 
     The events are in stream order and their fields are bytes, as Redis returns them. Only
-    the newest event of each task and the newest instance change of each instance are
-    decoded, so a batch that contains every state of its tasks costs one decode per task.
+    the newest event of each task is made into a task row, and only the fields that a row
+    contains are decoded; an instance change decodes the four fields of its instance row.
     """
     tasks: dict[str, TaskRecord] = {}
     instances: dict[tuple[str, str], InstanceRecord] = {}
     for entry_id, raw in reversed(events):
-        task_id = _text(raw.get(b"id", b""))
-        newest_of_task = bool(task_id) and task_id not in tasks
-        instance_change = raw.get(b"instance_changed") == b"1" and bool(raw.get(b"instance"))
-        if not newest_of_task and not instance_change:
+        task_id = _field(raw, b"id")
+        if task_id and task_id not in tasks:
+            tasks[task_id] = task_record(task_id, raw)
+        if raw.get(b"instance_changed") != b"1" or not raw.get(b"instance"):
             continue
-        fields = {_text(name): _text(value) for name, value in raw.items()}
-        if newest_of_task:
-            tasks[task_id] = task_record(task_id, fields)
-        key = (fields.get("provider", ""), fields.get("instance", ""))
-        if instance_change and key not in instances:
+        key = (_field(raw, b"provider"), _field(raw, b"instance"))
+        if key not in instances:
             instances[key] = InstanceRecord(
                 id=key[1],
                 provider_id=key[0],
-                status=fields.get("instance_status") or "unknown",
+                status=_field(raw, b"instance_status") or "unknown",
                 last_task_id=task_id,
                 version=event_position(entry_id),
-                updated_at=float(fields.get("updated_at") or 0),
+                updated_at=float(raw.get(b"updated_at") or 0),
             )
     return list(tasks.values()), list(instances.values())
 
 
-def task_record(task_id: str, fields: dict[str, str]) -> TaskRecord:
-    """Build a task row from the decoded fields of one event."""
+def task_record(task_id: str, raw: dict) -> TaskRecord:
+    """Build a task row from the fields of one event, as bytes."""
     return TaskRecord(
         id=task_id,
-        provider_id=fields.get("provider", ""),
-        instance_id=fields.get("instance") or None,
-        user_id=fields.get("user", ""),
-        task_type=fields.get("type", ""),
-        status=fields.get("status", ""),
-        progress=float(fields.get("progress") or 0),
-        status_message=fields.get("message", ""),
-        error_message=fields.get("error", ""),
-        task_data=fields.get("data") or "{}",
-        result=fields.get("result") or None,
-        timeout_seconds=float(fields.get("timeout") or 0),
-        attempts=int(fields.get("attempts") or 0),
-        version=int(fields.get("version", "0")),
-        created_at=float(fields.get("created_at") or 0),
-        started_at=_float_or_none(fields.get("started_at", "")),
-        completed_at=_float_or_none(fields.get("completed_at", "")),
-        updated_at=float(fields.get("updated_at") or 0),
+        provider_id=_field(raw, b"provider"),
+        instance_id=_field(raw, b"instance") or None,
+        user_id=_field(raw, b"user"),
+        task_type=_field(raw, b"type"),
+        status=_field(raw, b"status"),
+        progress=float(raw.get(b"progress") or 0),
+        status_message=_field(raw, b"message"),
+        error_message=_field(raw, b"error"),
+        task_data=_field(raw, b"data") or "{}",
+        result=_field(raw, b"result") or None,
+        timeout_seconds=float(raw.get(b"timeout") or 0),
+        attempts=int(raw.get(b"attempts") or 0),
+        version=int(raw.get(b"version") or 0),
+        created_at=float(raw.get(b"created_at") or 0),
+        started_at=_float_or_none(raw.get(b"started_at")),
+        completed_at=_float_or_none(raw.get(b"completed_at")),
+        updated_at=float(raw.get(b"updated_at") or 0),
     )
 
 

@@ -1,8 +1,11 @@
 """A supervisor behind Redis Sentinel keeps working through a failover of the master."""
 
 from shared.keys import Keys
+from shared.redaction import Redactor
 from shared.redis_client import connect
+from shared.schema import parse_entry
 from shared.states import TERMINAL_STATUSES
+from shared.taskstate import TaskState
 from shared.store import open_store
 from tests.harness import command_provider, task_hash, wait_for, write_script
 
@@ -81,3 +84,14 @@ def test_sentinel_failover_loses_unreplicated_push(redis_sentinels):
 
     ids = [fields[b"id"] for _entry_id, fields in client.xrange(KEYS.tasks("p"))]
     assert ids == [b"kept"]
+
+
+def test_task_scripts_reach_sentinel_master(redis_sentinels):
+    """The scripts of a task's start and end, sent on a connection of their own, go to the current master."""
+    client = connect(redis_sentinels.url)
+    state = TaskState(client, KEYS, events_max_len=1000, dead_max_len=1000, redactor=Redactor())
+    spec = parse_entry("p", "1-1", {b"id": b"direct-1", b"type": b"start", b"instance": b"vm-1", b"user": b"u"})
+    state.admit(spec, 30)
+    assert redis_sentinels.master.client().hget(KEYS.task("p", "direct-1"), "status") == b"pending"
+    info = state.direct.execute([("INFO", "server")])[0].decode()
+    assert f"tcp_port:{redis_sentinels.master.port}\r\n" in info

@@ -72,7 +72,8 @@ class Worker:
         self.provider = provider
         self.settings = config.providers[provider]
         self.consumer = consumer_name(config.supervisor.name, provider, slot)
-        self.owner = f"{self.consumer}:{os.getpid()}"
+        self.pid = os.getpid()
+        self.owner = f"{self.consumer}:{self.pid}"
         self.keys = Keys(config.redis.prefix)
         self.stream = self.keys.tasks(provider)
         self.lease_ms = int(config.supervisor.lease_seconds * 1000)
@@ -398,7 +399,7 @@ class Worker:
     def execute(self, spec: TaskSpec, timeout: float, started: StartResult) -> tuple[int, tuple[str, dict] | None]:
         log.info(
             "task started task_id=%s provider=%s type=%s instance=%s attempt=%d pid=%d%s",
-            spec.id, self.provider, spec.type, spec.instance or "-", started.attempts, os.getpid(),
+            spec.id, self.provider, spec.type, spec.instance or "-", started.attempts, self.pid,
             " probe=first" if started.outcome == "probe" else "",
         )  # fmt: skip
         begun = time.monotonic()
@@ -446,7 +447,7 @@ class Worker:
         log.log(
             level,
             "%s task_id=%s provider=%s type=%s status=%s seconds=%.3f pid=%d%s%s",
-            what, spec.id, self.provider, spec.type, outcome.status, time.monotonic() - begun, os.getpid(),
+            what, spec.id, self.provider, spec.type, outcome.status, time.monotonic() - begun, self.pid,
             self.retry_note, f" error={outcome.error!r}" if outcome.error else "",
         )  # fmt: skip
         return handed_over
