@@ -42,6 +42,27 @@ def test_json_logs_from_every_process(start_supervisor, redis_server, tmp_path, 
     assert SECRET not in supervisor.log()
 
 
+def test_task_lines_quick_and_long(start_supervisor, redis_server, tmp_path):
+    """A quick task writes only its end line; one that runs past a second also writes a running line."""
+    script = write_script(tmp_path / "op.sh", 'cat >/dev/null\nif [ "$2" = slow ]; then sleep 1.5; fi\necho "{}"\n')
+    supervisor = start_supervisor({"p": command_provider(script)})
+    client = redis_server.client()
+    client.xadd("taskvisor:{p}:tasks", {"id": "quick-1", "type": "start", "instance": "fast", "user": "u"})
+    client.xadd("taskvisor:{p}:tasks", {"id": "slow-1", "type": "start", "instance": "slow", "user": "u"})
+    wait_for(lambda: "task ended task_id=slow-1" in supervisor.log(), 15, "the slow task to end")
+    log_text = supervisor.log()
+
+    # The command driver logs its process's start and end under worker.drivers.command.
+    worker_lines = [line for line in log_text.splitlines() if " worker.main: " in line]
+    quick = [line for line in worker_lines if "task_id=quick-1" in line]
+    assert len(quick) == 1
+    assert "task ended task_id=quick-1 provider=p type=start instance=fast attempt=1 status=completed" in quick[0]
+    running = [line for line in worker_lines if "task running task_id=slow-1" in line]
+    assert len(running) == 1
+    assert "instance=slow attempt=1" in running[0]
+    assert float(running[0].split(" seconds=")[1].split()[0]) >= 1.0
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0

@@ -28,6 +28,8 @@ POLL_SECONDS = 0.05
 STUCK_MARGIN_SECONDS = 2.0
 # Seconds without a driver call after which the watchdog sleeps until the next call.
 IDLE_SECONDS = 1.0
+# Seconds a driver call runs before its `on_long_run` callback is called (see run_task).
+LONG_RUN_SECONDS = 1.0
 
 
 class Outcome(msgspec.Struct):
@@ -61,10 +63,13 @@ class _Watched:
     """A driver call running in the worker's main thread, with the state that the watchdog keeps for it."""
 
     def __init__(self, context: TaskContext, shutdown_requested: Callable[[], bool],
-                 on_stuck: Callable[[], None]) -> None:  # fmt: skip
+                 on_stuck: Callable[[], None], on_long_run: Callable[[float], None] | None = None) -> None:  # fmt: skip
         self.context = context
         self.shutdown_requested = shutdown_requested
         self.on_stuck = on_stuck
+        # Called once with the seconds run so far, when the call runs LONG_RUN_SECONDS.
+        self.on_long_run = on_long_run
+        self.started = time.monotonic()
         # The monotonic time after which a call that got a stop request counts as stuck.
         self.stop_deadline: float | None = None
         self.lock = threading.Lock()
@@ -82,6 +87,9 @@ class _Watched:
     def check(self, now: float) -> None:
         """Stop the call at its deadline or on shutdown, and give it up once it ignored the stop too long."""
         context = self.context
+        if self.on_long_run is not None and now - self.started >= LONG_RUN_SECONDS:
+            on_long_run, self.on_long_run = self.on_long_run, None
+            on_long_run(now - self.started)
         if self.stop_deadline is None:
             if now >= context.deadline:
                 context.stop("timeout")
@@ -152,13 +160,15 @@ def run_task(
     redactor: Redactor,
     shutdown_requested: Callable[[], bool],
     on_stuck: Callable[[Outcome], None],
+    on_long_run: Callable[[float], None] | None = None,
 ) -> Outcome:
     """Run the task's driver method in this thread under the watchdog, which enforces the deadline.
 
     When the deadline passes, or `shutdown_requested()` turns true, the context is
     stopped and the method gets its kill grace to return. A method that ignores the stop
     is given up: the watchdog thread calls `on_stuck` with the task's outcome, and
-    `on_stuck` must record it and end the process.
+    `on_stuck` must record it and end the process. When the method runs for
+    LONG_RUN_SECONDS, the watchdog thread calls `on_long_run` once with the seconds so far.
     """
     try:
         handler = driver.handler_for(str(spec.type))
@@ -175,18 +185,18 @@ def run_task(
         on_stuck(outcome)
 
     call = _Call(handler, context)
-    _run_watched(call, context, shutdown_requested, give_up)
+    _run_watched(call, context, shutdown_requested, give_up, on_long_run)
     return decide_outcome(spec, context, call.result, call.error, redactor)
 
 
 def _run_watched(call: "_Call", context: TaskContext, shutdown_requested: Callable[[], bool],
-                 give_up: Callable[[], None]) -> None:  # fmt: skip
+                 give_up: Callable[[], None], on_long_run: Callable[[float], None] | None = None) -> None:  # fmt: skip
     """Run `call` in this thread while the watchdog enforces its deadline and stop requests.
 
     When the watchdog gave the call up before it returned, `give_up` ends the process
     from the watchdog thread, so this thread only waits.
     """
-    watched = _Watched(context, shutdown_requested, give_up)
+    watched = _Watched(context, shutdown_requested, give_up, on_long_run)
     _watchdog.watch(watched)
     try:
         call()

@@ -397,12 +397,25 @@ class Worker:
         return action
 
     def execute(self, spec: TaskSpec, timeout: float, started: StartResult) -> tuple[int, tuple[str, dict] | None]:
-        log.info(
-            "task started task_id=%s provider=%s type=%s instance=%s attempt=%d pid=%d%s",
-            spec.id, self.provider, spec.type, spec.instance or "-", started.attempts, self.pid,
-            " probe=first" if started.outcome == "probe" else "",
-        )  # fmt: skip
+        """Run a task that this worker owns, and record its end.
+
+        A task writes one log line when it ends. One that runs for a second or longer, and
+        one that begins with a probe, also gets a line while it runs: a backlog of quick
+        tasks then costs one line each, which halves the logging work per task.
+        """
         begun = time.monotonic()
+
+        def log_running(seconds: float) -> None:
+            log.info(
+                "task running task_id=%s provider=%s type=%s instance=%s attempt=%d pid=%d seconds=%.1f",
+                spec.id, self.provider, spec.type, spec.instance or "-", started.attempts, self.pid, seconds,
+            )  # fmt: skip
+
+        if started.outcome == "probe":
+            log.info(
+                "task started task_id=%s provider=%s type=%s instance=%s attempt=%d pid=%d probe=first",
+                spec.id, self.provider, spec.type, spec.instance or "-", started.attempts, self.pid,
+            )  # fmt: skip
         context = TaskContext(
             task_id=spec.id,
             provider=self.provider,
@@ -420,7 +433,7 @@ class Worker:
         def end_stuck(outcome: Outcome) -> None:
             # The watchdog thread calls this while the driver's method still runs in the
             # main thread. Exiting after recording the task's end stops that method.
-            self.complete(spec, outcome, started.retries, begun)
+            self.complete(spec, outcome, started, begun)
             self.log_stopped()
             for handler in logging.getLogger().handlers:
                 handler.flush()
@@ -430,14 +443,15 @@ class Worker:
         if started.outcome == "probe":
             outcome = self.probe(spec, context, end_stuck)
         if outcome is None:
-            outcome = run_task(self.driver, spec, context, self.redactor, lambda: self.abort_current, end_stuck)
-        handed_over = self.complete(spec, outcome, started.retries, begun)
+            outcome = run_task(self.driver, spec, context, self.redactor, lambda: self.abort_current, end_stuck,
+                               on_long_run=log_running)  # fmt: skip
+        handed_over = self.complete(spec, outcome, started, begun)
         return (EXIT_DRIVER_STUCK if outcome.driver_stuck else EXIT_OK), handed_over
 
-    def complete(self, spec: TaskSpec, outcome: Outcome, retries_done: int, begun: float) -> tuple[str, dict] | None:
+    def complete(self, spec: TaskSpec, outcome: Outcome, started: StartResult, begun: float) -> tuple[str, dict] | None:
         """Record a run's outcome and log the task's end; returns the entry handed over, if any."""
         self.retry_note = ""
-        handed_over = self.record(spec, outcome, retries_done)
+        handed_over = self.record(spec, outcome, started.retries)
         self.current.set(None, None)
         self.tasks_done += 1
         heartbeat.beat(task_started_at=0.0, tasks_done=self.tasks_done)
@@ -446,8 +460,9 @@ class Worker:
         what = "task run failed; retry scheduled" if self.retry_note else "task ended"
         log.log(
             level,
-            "%s task_id=%s provider=%s type=%s status=%s seconds=%.3f pid=%d%s%s",
-            what, spec.id, self.provider, spec.type, outcome.status, time.monotonic() - begun, self.pid,
+            "%s task_id=%s provider=%s type=%s instance=%s attempt=%d status=%s seconds=%.3f pid=%d%s%s",
+            what, spec.id, self.provider, spec.type, spec.instance or "-", started.attempts, outcome.status,
+            time.monotonic() - begun, self.pid,
             self.retry_note, f" error={outcome.error!r}" if outcome.error else "",
         )  # fmt: skip
         return handed_over
