@@ -170,7 +170,8 @@ class CommandRun:
     def __init__(self, process: subprocess.Popen, context: TaskContext, stdin_data: bytes) -> None:
         self.process = process
         self.context = context
-        self.tag = f"task_id={context.task_id} provider={context.provider} pid={process.pid}"
+        # Not `pid=`: in JSON lines that key is the worker's pid, and the command's would be lost.
+        self.tag = f"task_id={context.task_id} provider={context.provider} command_pid={process.pid}"
         self.output = OutputParser(context, self.tag)
         self.pending_input = memoryview(stdin_data)
         self.selector = selectors.DefaultSelector()
@@ -410,7 +411,7 @@ class CommandDriver(Driver):
                 message = f"command {argv[0]} could not be started (working directory {self.workdir}): {exc}"
                 raise TaskFailed(message) from exc
             reaping.running_pids.add(process.pid)
-        log.info("task_id=%s provider=%s pid=%d: started %s command %s",
+        log.info("task_id=%s provider=%s command_pid=%d: started %s command %s",
                  context.task_id, context.provider, process.pid, context.task_type, argv[0])
         return process
 
