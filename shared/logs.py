@@ -15,7 +15,6 @@ to Redis or the database in the process's heartbeat slot, for /metrics.
 """
 
 import logging
-import os
 import re
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import TextIO
 import orjson
 
 from shared import heartbeat
+from shared.process import current_pid
 
 LOG_FORMATS = ("text", "json")
 # Seconds during which repeats of one warning or error line are counted instead of written.
@@ -52,23 +52,11 @@ JSON_BASE_FIELDS = ("time", "level", "role", "pid", "logger", "message", "repeat
 _role = "cli"
 
 
-# This process's id, renewed in a forked child, so that a log line costs no getpid() call.
-_pid = os.getpid()
-
-
-def _renew_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_renew_pid)
-
-
 class _RoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.role = _role
         # setup_logging turns off the logging module's own getpid() per record.
-        record.process = _pid
+        record.process = current_pid()
         return True
 
 
@@ -180,12 +168,12 @@ class TaskvisorHandler(logging.StreamHandler):
         self.clock = clock
         self.window = window
         self.repeats: dict[tuple[int, str, str], _Repeats] = {}
-        self.pid = _pid
+        self.pid = current_pid()
 
     def emit(self, record: logging.LogRecord) -> None:
         # logging.Handler.handle holds self.lock around this call.
-        if self.pid != _pid:
-            self.pid = _pid
+        if self.pid != current_pid():
+            self.pid = current_pid()
             self.repeats.clear()
         now = self.clock()
         self._flush(now, force=False)
@@ -214,7 +202,7 @@ class TaskvisorHandler(logging.StreamHandler):
     def flush_repeats(self) -> None:
         """Write the summaries of all lines repeated so far, for example before the process exits."""
         with self.lock:
-            if self.pid == _pid:
+            if self.pid == current_pid():
                 self._flush(self.clock(), force=True)
 
     def close(self) -> None:
@@ -239,7 +227,7 @@ def setup_logging(level: str = "INFO", log_format: str = "text", stream: TextIO 
     # The formats name no source file, line, thread or multiprocessing process, so the
     # records need not look them up: the logging module's documented switches for that
     # (see "Optimization" in the Python logging HOWTO). The process id comes from
-    # _RoleFilter instead of a getpid() per record. A worker logs two lines per task.
+    # _RoleFilter instead of a getpid() per record. A worker logs a line or more per task.
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False

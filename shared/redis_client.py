@@ -8,7 +8,6 @@ rest. The protocols are redis-py's own: `redis.Sentinel` and `redis.cluster.Redi
 """
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -17,6 +16,8 @@ import hiredis
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
+
+from shared.process import current_pid
 
 log = logging.getLogger(__name__)
 
@@ -201,19 +202,6 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
             raise
 
 
-# Counts the forks that made this process, so that objects holding a socket notice a fork
-# without a getpid() system call on every use.
-_fork_generation = 0
-
-
-def _count_fork() -> None:
-    global _fork_generation
-    _fork_generation += 1
-
-
-os.register_at_fork(after_in_child=_count_fork)
-
-
 class DirectCommands:
     """Commands sent on one connection of their own, packed by hiredis in a single C call.
 
@@ -231,7 +219,8 @@ class DirectCommands:
         self.pool = client.connection_pool
         self.lock = threading.Lock()
         self.connection: redis.Connection | None = None
-        self.generation = -1
+        # The process that opened `connection`.
+        self.pid = 0
 
     def execute(self, commands: list[tuple]) -> list:
         """Send the commands in one write and return their replies in order.
@@ -243,10 +232,10 @@ class DirectCommands:
         packed = b"".join([hiredis.pack_command(command) for command in commands])
         with self.lock:
             connection = self.connection
-            if connection is None or self.generation != _fork_generation:
+            if connection is None or self.pid != current_pid():
                 # A forked child must not share its parent's socket.
                 connection = self.connection = self.pool.make_connection()
-                self.generation = _fork_generation
+                self.pid = current_pid()
             try:
                 if getattr(connection, "_sock", None) is None:
                     # Connect through connect(), which a Sentinel connection overrides to
@@ -264,9 +253,3 @@ class DirectCommands:
                 connection.disconnect()
                 raise
         return replies
-
-    def close(self) -> None:
-        with self.lock:
-            if self.connection is not None:
-                self.connection.disconnect()
-                self.connection = None

@@ -53,6 +53,13 @@ def _script_source(name: str) -> str:
     return "\n".join(parts)
 
 
+def _raise_error_reply(replies: list) -> None:
+    """Raise the first error reply among `replies`, if there is one."""
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+
+
 def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
@@ -143,9 +150,7 @@ class TaskState:
             for index, reply in zip(missing, again, strict=True):
                 replies[index] = reply
         if raise_errors:
-            for reply in replies:
-                if isinstance(reply, redis.ResponseError):
-                    raise reply
+            _raise_error_reply(replies)
         return replies
 
     def _send_scripts(self, calls: list[tuple[str, list[str], list]]) -> list:
@@ -215,30 +220,23 @@ class TaskState:
                 pipe.execute_command(*command)
             return pipe.execute()
         replies = self.direct.execute(commands)
-        for reply in replies:
-            if isinstance(reply, redis.ResponseError):
-                raise reply
+        _raise_error_reply(replies)
         return replies
+
+    def _admit_call(self, spec: TaskSpec, timeout: float) -> tuple[str, list[str], list]:
+        keys = [self.keys.task(spec.provider, spec.id), self.keys.events(spec.provider)]
+        return "admit", keys, [self.events_max_len, *self.public_fields(spec, timeout)]
 
     def admit(self, spec: TaskSpec, timeout: float) -> object:
         """Register the task as pending unless it exists."""
-        reply = self.admit_many([(spec, timeout)])[0]
-        if isinstance(reply, redis.ResponseError):
-            raise reply
-        return reply
+        return self.run_script(*self._admit_call(spec, timeout))
 
     def admit_many(self, admitted: list[tuple[TaskSpec, float]]) -> list:
         """Register each (task, timeout) as pending unless it exists, in one round trip (used by the intake).
 
         Returns the admit script's replies in order, an error reply as its exception.
         """
-        return self.run_scripts(
-            [
-                ("admit", [self.keys.task(spec.provider, spec.id), self.keys.events(spec.provider)],
-                 [self.events_max_len, *self.public_fields(spec, timeout)])
-                for spec, timeout in admitted
-            ]
-        )  # fmt: skip
+        return self.run_scripts([self._admit_call(spec, timeout) for spec, timeout in admitted])
 
     def take(
         self, provider: str, consumer: str, start_arguments: list[str] | None = None

@@ -61,8 +61,8 @@ def records_from_events(events: list[tuple[str, dict]]) -> tuple[list[TaskRecord
     """Build the newest task and instance rows from a batch of (entry id, fields) events.
 
     The events are in stream order and their fields are bytes, as Redis returns them. Only
-    the newest event of each task is made into a task row, and only the fields that a row
-    contains are decoded; an instance change decodes the four fields of its instance row.
+    the newest event of each task is made into a task row, and only the fields of that row
+    are decoded. An instance change decodes the four fields of its instance row.
     """
     tasks: dict[str, TaskRecord] = {}
     instances: dict[tuple[str, str], InstanceRecord] = {}

@@ -399,9 +399,9 @@ class Worker:
     def execute(self, spec: TaskSpec, timeout: float, started: StartResult) -> tuple[int, tuple[str, dict] | None]:
         """Run a task that this worker owns, and record its end.
 
-        A task writes one log line when it ends. One that runs for a second or longer, and
-        one that begins with a probe, also gets a line while it runs: a backlog of quick
-        tasks then costs one line each, which halves the logging work per task.
+        The worker logs one line when a task ends. A task that runs for a second or longer,
+        or that begins with a probe, also gets a line while it runs. A backlog of quick
+        tasks thus costs the worker one line per task instead of two.
         """
         begun = time.monotonic()
 
