@@ -27,6 +27,13 @@ give one wrong age for one request. The next request reads it right, and a proce
 that really stopped writing stays stale on every read, so no lasting verdict depends
 on one torn read.
 
+Beside the slots, the table has a board: one more shared mapping that contains the
+SQL mirror's counts of ended tasks, for the monitor's /metrics (see
+supervisor/metrics.py). It has one writer, the mirror, and the monitor reads it with
+a sequence number: the writer makes the number odd before it writes and even after,
+and a reader accepts a copy only when it saw the same even number before and after
+copying.
+
 Times: heartbeats, fork and exit times use `time.monotonic()`, which is
 CLOCK_MONOTONIC, one clock for every process on a Linux host. A change of the wall
 clock cannot make a heartbeat look old. Task start times are Unix times, like the
@@ -80,6 +87,12 @@ RECONNECT_TARGETS = ("redis", "database")
 SLOT_SIZE = _OWNER.size + _BEAT.size + _COUNTERS.size
 # Copies of a slot that `read_slot` makes at most while looking for two equal ones.
 _READ_ATTEMPTS = 4
+# Bytes of the board. Like the slots, its pages take memory only once written.
+BOARD_BYTES = 4 * 1024 * 1024
+# Board header: sequence number (odd while a write is under way), length of the contents.
+_BOARD_HEADER = struct.Struct("=QQ")
+# Looks at the board that `read_board` makes at most, 1 ms apart, while a write is under way.
+_BOARD_READ_ATTEMPTS = 100
 
 
 class Slot(msgspec.Struct, frozen=True):
@@ -130,6 +143,7 @@ class HeartbeatTable:
         self.exit_record_seconds = exit_record_seconds
         # MAP_SHARED | MAP_ANONYMOUS: shared with every child forked after this point.
         self.memory = mmap.mmap(-1, slot_count * SLOT_SIZE)
+        self.board = mmap.mmap(-1, BOARD_BYTES)
         self._next_unused = SUPERVISOR_SLOT + 1
         self._released: deque[tuple[float, int]] = deque()
         self._pending: dict[int, tuple[str, str, int, float]] = {}
@@ -232,6 +246,30 @@ class HeartbeatTable:
                 slots.append(self.read_slot(index))
         return slots
 
+    def publish(self, contents: bytes) -> bool:
+        """Replace the board's contents; False when they do not fit. Only one process may write."""
+        board = self.board
+        if _BOARD_HEADER.size + len(contents) > len(board):
+            return False
+        # A writer that died halfway left an odd number, which stays odd here.
+        sequence = _BOARD_HEADER.unpack_from(board, 0)[0] | 1
+        _BOARD_HEADER.pack_into(board, 0, sequence, 0)
+        board[_BOARD_HEADER.size : _BOARD_HEADER.size + len(contents)] = contents
+        _BOARD_HEADER.pack_into(board, 0, sequence + 1, len(contents))
+        return True
+
+    def read_board(self) -> bytes:
+        """Return the board's contents: b"" when nothing was published or no write finished in time."""
+        board = self.board
+        for _attempt in range(_BOARD_READ_ATTEMPTS):
+            sequence, length = _BOARD_HEADER.unpack_from(board, 0)
+            if not sequence & 1:
+                contents = board[_BOARD_HEADER.size : _BOARD_HEADER.size + length]
+                if _BOARD_HEADER.unpack_from(board, 0)[0] == sequence:
+                    return contents
+            time.sleep(0.001)
+        return b""
+
 
 def _decode(index: int, raw: bytes) -> Slot:
     state, pid, role_code, worker_slot, flags, wait_status, started, ended, provider = _OWNER.unpack_from(raw, 0)
@@ -309,14 +347,29 @@ class _CounterWriter:
 
 _writer: _SlotWriter | None = None
 _counters: _CounterWriter | None = None
+# The table of this process's supervisor, for the board; None outside a supervisor.
+_table: HeartbeatTable | None = None
 
 
 def attach(table: HeartbeatTable | None, index: int) -> None:
     """Make this process (right after the fork) write its heartbeats and counters into slot `index`."""
-    global _writer, _counters
+    global _writer, _counters, _table
     attached = table is not None and index != NO_SLOT
     _writer = _SlotWriter(table, index) if attached else None
     _counters = _CounterWriter(table, index) if attached else None
+    _table = table
+
+
+def publish_board(contents: bytes) -> bool:
+    """Put `contents` on the supervisor's board; False when they do not fit. Without a table it does nothing."""
+    table = _table
+    return table is None or table.publish(contents)
+
+
+def read_board() -> bytes:
+    """Return the contents of the supervisor's board, b"" when empty or without a table."""
+    table = _table
+    return table.read_board() if table is not None else b""
 
 
 def count_reconnect(target: str) -> None:

@@ -155,6 +155,9 @@ class SupervisorConfig(msgspec.Struct, rename="camel", forbid_unknown_fields=Tru
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 30.0
     # seconds a task lease lives without a heartbeat; workers renew it every third of that
     lease_seconds: Annotated[float, msgspec.Meta(ge=3, le=3600)] = 15.0
+    # nice levels that workers run below the supervisor, so that under CPU pressure the
+    # intake, the SQL mirror and the health endpoint keep up. 0 runs them alike.
+    worker_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
     # seconds after which the reconciliation pass deletes finished tasks from Redis and
     # SQL; 0 (the default) keeps them forever
     retention: Annotated[float, msgspec.Meta(ge=0, le=MAX_RETENTION_SECONDS)] = 0.0

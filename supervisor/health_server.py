@@ -131,7 +131,6 @@ class MonitorProcess:
         log.info("health endpoint listening url=%s pid=%d", endpoint_url(host, port), os.getpid())
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="http", daemon=True)
         thread.start()
-        self.monitor.flow.start()
 
         parent = os.getppid()
         while not self.stopping:

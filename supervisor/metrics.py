@@ -3,13 +3,15 @@
 supervisor/monitor.py writes the basic families (task counts from SQL, queue lengths,
 workers, process memory and CPU) and calls `FlowMetrics.write` for these:
 
-- Counters and histograms of finished tasks. A thread of the monitor process follows
-  every provider's event stream with plain XREAD, from the newest event at its start,
-  and looks at each event once. An event with a final status counts the task as ended
-  and adds its run time (completed_at - started_at) and queue wait (started_at -
-  created_at) to the histograms. A `pending` event with `retry_at` set counts an
-  automatic retry. The reader makes at most a few reads per second and no SQL query. The
-  counts start at 0 when the monitor process starts, as Prometheus expects of counters.
+- Counters and histograms of finished tasks, which the SQL mirror process counts
+  (see `TaskCounts`): once a batch of events is written to SQL, an event with a final
+  status counts its task as ended and adds its run time (completed_at - started_at)
+  and queue wait (started_at - created_at) to the histograms, and a `pending` event
+  with `retry_at` set counts an automatic retry. The mirror reads every event anyway,
+  so counting there costs no Redis read of its own. It puts a snapshot on the heartbeat
+  table's board at most every PUBLISH_SECONDS and whenever it has caught up, and the
+  monitor reads the board on each request. A restarted mirror goes on from the board,
+  so the counts start at 0 only when the supervisor starts.
 - Gauges read from Redis on each request: waiting automatic retries, dead-letter
   stream length, and the `lag` and `pending` of each consumer group (XINFO GROUPS) on
   the task and event streams. The SQL mirror's backlog is lag + pending of its group.
@@ -20,14 +22,14 @@ workers, process memory and CPU) and calls `FlowMetrics.write` for these:
 import bisect
 import logging
 import threading
-import time
 from collections import Counter
 
+import orjson
 import redis
 
 from shared.heartbeat import RECONNECT_TARGETS, HeartbeatTable
 from shared.keys import MIRROR_GROUP, Keys
-from shared.redis_client import connect, is_cluster, text as _text
+from shared.redis_client import text as _text
 from shared.settings import Config
 from shared.states import TERMINAL_STATUSES, TaskStatus
 from supervisor.prometheus import MetricsWriter
@@ -36,16 +38,8 @@ log = logging.getLogger(__name__)
 
 # Upper bounds in seconds of the run time and queue wait histograms' buckets.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-READ_BLOCK_MS = 1000
-READ_COUNT = 1000
-# After a read that returned fewer than READ_COUNT events, seconds to wait before the
-# next one. Events then arrive in large batches, so the reader makes a few reads per
-# second instead of one per event. The counters lag by at most this much.
-BATCH_PAUSE_SECONDS = 0.25
-# On a Redis Cluster the streams lie in different slots and are read without blocking;
-# seconds to wait after a read that found nothing.
-CLUSTER_IDLE_SECONDS = 0.5
-MAX_BACKOFF_SECONDS = 5.0
+# Seconds between two snapshots that the mirror puts on the board while events keep coming.
+PUBLISH_SECONDS = 0.25
 # Tasks whose retry count is remembered, so that a repeated event does not count twice.
 MAX_REMEMBERED_RETRIES = 100_000
 # The event fields that `observe` reads, with their names as Redis returns them.
@@ -54,6 +48,9 @@ OBSERVED_FIELDS = tuple(
     for name in ("status", "provider", "type", "id", "created_at", "started_at", "completed_at", "retry_at", "retries")
 )
 FINAL_STATUSES = frozenset(str(status) for status in TERMINAL_STATUSES)
+# The statuses of the events that `observe` may count, as Redis returns them. A pending
+# event counts only with `retry_at`.
+COUNTED_STATUSES = frozenset(status.encode() for status in FINAL_STATUSES)
 
 
 class Histogram:
@@ -75,104 +72,106 @@ def _seconds(text: str | None) -> float | None:
         return None
 
 
-class TaskEventReader:
-    """Counts of ended tasks and retries and their histograms, read from the event streams by a daemon thread."""
+class TaskCounts:
+    """Counts of ended tasks and retries and their histograms, from the events that the SQL mirror wrote.
 
-    def __init__(self, config: Config) -> None:
-        self.url = config.redis.url
-        self.streams = [Keys(config.redis.prefix).events(provider) for provider in sorted(config.providers)]
-        self.lock = threading.Lock()
+    The mirror process keeps one, counts each event once its batch is in SQL, and
+    puts a snapshot on the heartbeat table's board (see `snapshot`). The monitor turns
+    the snapshot back into a TaskCounts for each /metrics request.
+    """
+
+    def __init__(self) -> None:
         self.ended: Counter[tuple[str, str, str]] = Counter()
         self.retries: Counter[tuple[str, str]] = Counter()
         self.run_time: dict[tuple[str, str], Histogram] = {}
         self.queue_wait: dict[tuple[str, str], Histogram] = {}
         # Task id -> its `retries` field when its last automatic retry was counted.
         self.retry_counts: dict[str, str] = {}
-        # Stream -> id of the last event read; filled at the first connection.
-        self.positions: dict[str, str] = {}
 
-    def start(self) -> None:
-        if self.streams:
-            threading.Thread(target=self.run, name="event-reader", daemon=True).start()
+    def observe_fields(self, fields: dict[bytes, bytes]) -> bool:
+        """Count one event with its fields as Redis returns them; True when it counted."""
+        # Most events (registered, started, progress) count for nothing: skip them
+        # before decoding any field.
+        if fields.get(b"status") not in COUNTED_STATUSES and not fields.get(b"retry_at"):
+            return False
+        return self.observe({name: _text(fields.get(raw_name, b"")) for name, raw_name in OBSERVED_FIELDS})
 
-    def run(self) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                client = connect(self.url, socket_timeout=READ_BLOCK_MS / 1000 + 5)
-                if not self.positions:
-                    self.positions = newest_ids(client, self.streams)
-                cluster = is_cluster(client)
-                while True:
-                    self.read_once(client, cluster)
-                    backoff = 0.5
-            except redis.RedisError as exc:
-                log.warning("redis unavailable in the event reader of /metrics retry_in=%.1fs error=%s", backoff, exc)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-
-    def read_once(self, client: redis.Redis, cluster: bool) -> None:
-        if cluster:
-            pipe = client.pipeline(transaction=False)
-            for stream, position in self.positions.items():
-                pipe.xread({stream: position}, count=READ_COUNT)
-            reply = [item for result in pipe.execute() for item in result or []]
-            if not reply:
-                time.sleep(CLUSTER_IDLE_SECONDS)
-        else:
-            reply = client.xread(self.positions, count=READ_COUNT, block=READ_BLOCK_MS) or []
-        read = 0
-        for stream_name, items in reply:
-            stream = _text(stream_name)
-            read = max(read, len(items))
-            for entry_id, fields in items:
-                self.positions[stream] = _text(entry_id)
-                if fields:
-                    self.observe({name: _text(fields.get(raw_name, b"")) for name, raw_name in OBSERVED_FIELDS})
-        if 0 < read < READ_COUNT:
-            time.sleep(BATCH_PAUSE_SECONDS)
-
-    def observe(self, event: dict[str, str]) -> None:
-        """Count one event: a task that ended, or an automatic retry that was scheduled."""
+    def observe(self, event: dict[str, str]) -> bool:
+        """Count one event: a task that ended, or an automatic retry that was scheduled; True when it counted."""
         status = event.get("status", "")
         key = (event.get("provider", ""), event.get("type", ""))
         task_id = event.get("id", "")
-        with self.lock:
-            if status in FINAL_STATUSES:
-                self.ended[(*key, status)] += 1
-                self.retry_counts.pop(task_id, None)
-                created, started, completed = (_seconds(event.get(name)) for name in ("created_at", "started_at", "completed_at"))
-                # A task cancelled before it started has no started_at, so no run time.
-                if started is not None and completed is not None:
-                    self.run_time.setdefault(key, Histogram()).observe(completed - started)
-                if started is not None and created is not None:
-                    self.queue_wait.setdefault(key, Histogram()).observe(started - created)
-            elif status == TaskStatus.PENDING and event.get("retry_at"):
-                retries = event.get("retries", "")
-                if self.retry_counts.get(task_id) != retries:
-                    if len(self.retry_counts) >= MAX_REMEMBERED_RETRIES:
-                        self.retry_counts.clear()
-                    self.retry_counts[task_id] = retries
-                    self.retries[key] += 1
+        if status in FINAL_STATUSES:
+            self.ended[(*key, status)] += 1
+            self.retry_counts.pop(task_id, None)
+            created, started, completed = (_seconds(event.get(name)) for name in ("created_at", "started_at", "completed_at"))
+            # A task cancelled before it started has no started_at, so no run time.
+            if started is not None and completed is not None:
+                self.run_time.setdefault(key, Histogram()).observe(completed - started)
+            if started is not None and created is not None:
+                self.queue_wait.setdefault(key, Histogram()).observe(started - created)
+            return True
+        if status != TaskStatus.PENDING or not event.get("retry_at"):
+            return False
+        retries = event.get("retries", "")
+        if self.retry_counts.get(task_id) == retries:
+            return False
+        if len(self.retry_counts) >= MAX_REMEMBERED_RETRIES:
+            self.retry_counts.clear()
+        self.retry_counts[task_id] = retries
+        self.retries[key] += 1
+        return True
+
+    def snapshot(self) -> bytes:
+        """Return the counts and histograms as JSON, for the board; the remembered retries are left out."""
+        return orjson.dumps({
+            "ended": [[*key, count] for key, count in self.ended.items()],
+            "retries": [[*key, count] for key, count in self.retries.items()],
+            "run_time": [[*key, item.counts, item.total] for key, item in self.run_time.items()],
+            "queue_wait": [[*key, item.counts, item.total] for key, item in self.queue_wait.items()],
+        })  # fmt: skip
+
+    @classmethod
+    def from_snapshot(cls, contents: bytes) -> "TaskCounts":
+        """Rebuild the counts from `snapshot`'s JSON; empty counts for b"" or contents that do not parse."""
+        counts = cls()
+        if not contents:
+            return counts
+        try:
+            document = orjson.loads(contents)
+            for provider, task_type, status, count in document["ended"]:
+                counts.ended[(provider, task_type, status)] = count
+            for provider, task_type, count in document["retries"]:
+                counts.retries[(provider, task_type)] = count
+            for name, target in (("run_time", counts.run_time), ("queue_wait", counts.queue_wait)):
+                for provider, task_type, buckets, total in document[name]:
+                    histogram = target[(provider, task_type)] = Histogram()
+                    if len(buckets) != len(histogram.counts):
+                        raise ValueError(f"{len(buckets)} buckets instead of {len(histogram.counts)}")
+                    histogram.counts, histogram.total = list(buckets), float(total)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("task counts on the heartbeat board are invalid; counting starts at 0 error=%s", exc)
+            return cls()
+        return counts
 
     def write(self, out: MetricsWriter) -> None:
-        with self.lock:
-            ended = sorted(self.ended.items())
-            retries = sorted(self.retries.items())
-            histograms = {
-                name: sorted((key, list(item.counts), item.total) for key, item in source.items())
-                for name, source in (("run", self.run_time), ("wait", self.queue_wait))
-            }
+        ended = sorted(self.ended.items())
+        retries = sorted(self.retries.items())
+        histograms = {
+            name: sorted((key, list(item.counts), item.total) for key, item in source.items())
+            for name, source in (("run", self.run_time), ("wait", self.queue_wait))
+        }
         out.family(
             "taskvisor_tasks_ended_total", "counter",
-            "Tasks that reached a final status (completed, failed, timeout, cancelled), seen on the event "
-            "streams since the monitor process started.",
+            "Tasks that reached a final status (completed, failed, timeout, cancelled), counted by the SQL "
+            "mirror since the supervisor started.",
         )  # fmt: skip
         for (provider, task_type, status), count in ended:
             out.sample("taskvisor_tasks_ended_total", {"provider": provider, "type": task_type, "status": status}, count)
         out.family(
             "taskvisor_task_retries_total", "counter",
-            "Automatic retries scheduled after a failed or timed-out run, seen since the monitor process started.",
+            "Automatic retries scheduled after a failed or timed-out run, counted by the SQL mirror since the supervisor "
+            "started.",
         )  # fmt: skip
         for (provider, task_type), count in retries:
             out.sample("taskvisor_task_retries_total", {"provider": provider, "type": task_type}, count)
@@ -186,17 +185,6 @@ class TaskEventReader:
             out.family(name, "histogram", description)
             for (provider, task_type), counts, total in histograms[source]:
                 out.histogram(name, {"provider": provider, "type": task_type}, DURATION_BUCKETS, counts, total)
-
-
-def newest_ids(client: redis.Redis, streams: list[str]) -> dict[str, str]:
-    """Return the id of each stream's newest entry, or 0-0 for an empty or missing stream."""
-    pipe = client.pipeline(transaction=False)
-    for stream in streams:
-        pipe.xrevrange(stream, count=1)
-    positions = {}
-    for stream, newest in zip(streams, pipe.execute(), strict=True):
-        positions[stream] = _text(newest[0][0]) if newest else "0-0"
-    return positions
 
 
 class ReconnectTotals:
@@ -258,18 +246,15 @@ class FlowMetrics:
     def __init__(self, config: Config, table: HeartbeatTable) -> None:
         self.keys = Keys(config.redis.prefix)
         self.providers = sorted(config.providers)
-        self.events = TaskEventReader(config)
+        self.table = table
         self.reconnects = ReconnectTotals(table)
-
-    def start(self) -> None:
-        self.events.start()
 
     def write(self, out: MetricsWriter, client: redis.Redis | None) -> bool:
         """Write every family; returns False when the Redis gauges could not be read.
 
         Without a client, the Redis gauges have no samples.
         """
-        self.events.write(out)
+        TaskCounts.from_snapshot(self.table.read_board()).write(out)
         self.reconnects.write(out)
         return self.write_stream_gauges(out, client)
 

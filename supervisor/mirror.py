@@ -7,6 +7,10 @@ newest state of each task and of each instance is written, in one transaction, a
 the events are acknowledged only after the commit.
 Writes are versioned, so an event replayed after a crash never moves a row back.
 While the database is unreachable the events wait in Redis and the mirror retries.
+
+The mirror also counts ended tasks and retries for /metrics (`TaskCounts` in
+supervisor/metrics.py), after each batch is written, and puts the counts on the
+heartbeat table's board for the monitor.
 """
 
 import logging
@@ -23,6 +27,7 @@ from shared.redis_client import connect, ensure_group, is_cluster, text as _text
 from shared.settings import Config
 from shared.store import Store, open_store
 from shared.store.records import InstanceRecord, TaskRecord
+from supervisor.metrics import PUBLISH_SECONDS, TaskCounts
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +123,16 @@ class Mirror:
         self.streams = [keys.events(provider) for provider in config.providers]
         self.stopping = False
         self.written = 0
+        self.counts = TaskCounts()
+        # Whether the counts changed since they were last put on the board, and when that was.
+        self.counts_changed = False
+        self.published_at = 0.0
+        self.board_full_logged = False
 
     def run(self) -> int:
         stop_on_sigterm(self)
+        # A mirror that replaces one that exited goes on from the counts it published.
+        self.counts = TaskCounts.from_snapshot(heartbeat.read_board())
         self.client = connect(self.config.redis.url)
         self.cluster = is_cluster(self.client)
         # Opened in the loop, so that a database that is down at start is retried like a failed write.
@@ -185,12 +197,14 @@ class Mirror:
                 backoff = min(backoff * 2, 10.0)
                 own_pending = True
                 continue
+            self.publish_counts(caught_up=count < READ_COUNT)
             if own_pending and count == 0:
                 own_pending = False
             elif count == 0 and self.stopping:
                 break
             elif 0 < count < READ_COUNT and not own_pending and not self.stopping:
                 time.sleep(BATCH_PAUSE_SECONDS)
+        self.publish_counts(caught_up=True)
         if self.store is not None:
             self.store.close()
         log.info("mirror stopped rows_written=%d pid=%d", self.written, os.getpid())
@@ -242,7 +256,26 @@ class Mirror:
             pipe.xack(stream, MIRROR_GROUP, *ids)
         pipe.execute()
         self.written += len(tasks)
+        # Counted once acknowledged: events read again after a failed write are not counted twice.
+        for _entry_id, fields in events:
+            if self.counts.observe_fields(fields):
+                self.counts_changed = True
         return sum(len(ids) for ids in acks.values())
+
+    def publish_counts(self, caught_up: bool) -> None:
+        """Put the task counts on the board when they changed: at once when the mirror has caught up, else every PUBLISH_SECONDS."""
+        now = time.monotonic()
+        if not self.counts_changed or (not caught_up and now - self.published_at < PUBLISH_SECONDS):
+            return
+        self.counts_changed = False
+        self.published_at = now
+        snapshot = self.counts.snapshot()
+        if not heartbeat.publish_board(snapshot) and not self.board_full_logged:
+            self.board_full_logged = True
+            log.error(
+                "task counts for /metrics do not fit on the heartbeat board; /metrics keeps older counts"
+                " bytes=%d limit=%d", len(snapshot), heartbeat.BOARD_BYTES,
+            )  # fmt: skip
 
     def read_streams(self, start: str, block: int | None) -> list:
         """Read from every event stream from `start` ("0": own pending, ">": new) as XREADGROUP replies."""

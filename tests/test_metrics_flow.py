@@ -9,7 +9,7 @@ import pytest
 from shared import heartbeat
 from shared.heartbeat import HeartbeatTable
 from shared.logs import setup_logging
-from supervisor.metrics import DURATION_BUCKETS, ReconnectTotals, TaskEventReader
+from supervisor.metrics import DURATION_BUCKETS, ReconnectTotals, TaskCounts
 from supervisor.prometheus import MetricsWriter
 from tests.harness import cli, command_provider, task_hash, wait_for, write_script
 from tests.test_health import get, parse_prometheus, readiness
@@ -187,17 +187,16 @@ def test_reconnect_lines_counted_in_slot():
         setup_logging("WARNING")
 
 
-def test_event_reader_counts_each_retry_once():
-    # The reader's thread is not started, so nothing connects to Redis.
-    reader = TaskEventReader(_config_with_provider())
+def test_task_counts_count_each_retry_once():
+    counts = TaskCounts()
     retry = {"id": "t", "provider": "p", "type": "stop", "status": "pending", "retry_at": "100.5", "retries": "1"}
-    reader.observe(retry)
-    reader.observe(retry)
-    reader.observe({**retry, "retries": "2"})
-    reader.observe({"id": "t", "provider": "p", "type": "stop", "status": "cancelled", "created_at": "1.0",
+    assert counts.observe(retry)
+    assert not counts.observe(retry)
+    counts.observe({**retry, "retries": "2"})
+    counts.observe({"id": "t", "provider": "p", "type": "stop", "status": "cancelled", "created_at": "1.0",
                     "started_at": "", "completed_at": "5.0"})  # fmt: skip
     out = MetricsWriter()
-    reader.write(out)
+    counts.write(out)
     families = parse_prometheus(out.text())
     assert series(families, "taskvisor_task_retries_total") == {(("provider", "p"), ("type", "stop")): 2}
     assert series(families, "taskvisor_tasks_ended_total", status="cancelled") == {(("provider", "p"), ("type", "stop")): 1}
@@ -206,8 +205,34 @@ def test_event_reader_counts_each_retry_once():
     assert families["taskvisor_task_queue_wait_seconds"]["samples"] == {}
 
 
-def _config_with_provider():
-    from shared.settings import parse_config
+def test_task_counts_pass_through_the_board():
+    # The mirror counts events with their fields as Redis returns them and publishes the
+    # counts; the monitor reads them back from the same shared mapping.
+    table = HeartbeatTable(slot_count=8)
+    assert table.read_board() == b""
+    assert TaskCounts.from_snapshot(table.read_board()).ended == {}
+    counts = TaskCounts()
+    started = {b"id": b"a", b"provider": b"p", b"type": b"start", b"status": b"running", b"created_at": b"10.0",
+               b"started_at": b"10.5", b"completed_at": b""}  # fmt: skip
+    assert not counts.observe_fields(started)
+    assert counts.observe_fields({**started, b"status": b"completed", b"completed_at": b"12.5"})
+    assert counts.observe_fields({**started, b"id": b"b", b"status": b"failed", b"completed_at": b"10.6"})
+    assert table.publish(counts.snapshot())
 
-    driver = {"type": "command", "commands": {"start": ["true"]}}
-    return parse_config({"providers": {"p": {"driver": driver}}}, "test", ".")
+    out = MetricsWriter()
+    TaskCounts.from_snapshot(table.read_board()).write(out)
+    families = parse_prometheus(out.text())
+    assert series(families, "taskvisor_tasks_ended_total") == {
+        (("provider", "p"), ("status", "completed"), ("type", "start")): 1,
+        (("provider", "p"), ("status", "failed"), ("type", "start")): 1,
+    }
+    run = histogram(families, "taskvisor_task_run_seconds", provider="p", type="start")
+    assert run["count"] == 2
+    assert run["sum"] == pytest.approx(2.1)
+    assert run["buckets"]["0.1"] == 1
+    assert run["buckets"]["2.5"] == 2
+
+    # Contents that are not a snapshot give empty counts instead of an error.
+    assert table.publish(b"not json")
+    assert TaskCounts.from_snapshot(table.read_board()).ended == {}
+    assert not table.publish(bytes(len(table.board)))

@@ -25,6 +25,7 @@ import redis
 from shared import heartbeat
 from shared.errors import DriverError, InvalidEntry
 from shared.keys import WORKER_GROUP, Keys
+from shared.logs import info_line
 from shared.redaction import Redactor
 from shared.redis_client import connect, ensure_group
 from shared.schema import INSTANCE_ID_PATTERN, TaskSpec, parse_entry
@@ -146,6 +147,7 @@ class Worker:
         CancelWatcher(self.config.redis.url, self.keys, self.make_state, self.current).start()
         threading.Thread(target=send_heartbeats, name="process-heartbeat", daemon=True).start()
         log.info("worker started provider=%s consumer=%s pid=%d", self.provider, self.consumer, os.getpid())
+        self.lower_priority(self.config.supervisor.worker_nice)
 
         code = self.loop()
         # An entry taken and started just before the loop ended (a SIGTERM, a recycling
@@ -155,6 +157,19 @@ class Worker:
         self.driver.close()
         self.log_stopped()
         return code
+
+    def lower_priority(self, levels: int) -> None:
+        """Run this process and what it starts `levels` nice levels below the supervisor.
+
+        When the tasks keep every CPU busy, the supervisor's own processes then still get
+        their share: the SQL mirror keeps up with the state changes and the health
+        endpoint responds. Called after the set-up, which then runs at the supervisor's priority.
+        """
+        if levels:
+            try:
+                os.nice(levels)
+            except OSError as exc:
+                log.warning("worker priority unchanged provider=%s pid=%d worker_nice=%d error=%s", self.provider, os.getpid(), levels, exc)
 
     def log_stopped(self) -> None:
         log.info("worker stopped provider=%s pid=%d tasks_done=%d", self.provider, os.getpid(), self.tasks_done)
@@ -451,20 +466,22 @@ class Worker:
     def complete(self, spec: TaskSpec, outcome: Outcome, started: StartResult, begun: float) -> tuple[str, dict] | None:
         """Record a run's outcome and log the task's end; returns the entry handed over, if any."""
         self.retry_note = ""
+        self.current.ending = True
         handed_over = self.record(spec, outcome, started.retries)
         self.current.set(None, None)
         self.tasks_done += 1
         heartbeat.beat(task_started_at=0.0, tasks_done=self.tasks_done)
-        level = logging.INFO if outcome.status in (TaskStatus.COMPLETED, TaskStatus.CANCELLED) else logging.WARNING
         # A run that failed but gets an automatic retry is logged as a run, not as the task's end.
         what = "task run failed; retry scheduled" if self.retry_note else "task ended"
-        log.log(
-            level,
-            "%s task_id=%s provider=%s type=%s instance=%s attempt=%d status=%s seconds=%.3f pid=%d%s%s",
-            what, spec.id, self.provider, spec.type, spec.instance or "-", started.attempts, outcome.status,
-            time.monotonic() - begun, self.pid,
-            self.retry_note, f" error={outcome.error!r}" if outcome.error else "",
-        )  # fmt: skip
+        line = (
+            f"{what} task_id={spec.id} provider={self.provider} type={spec.type} instance={spec.instance or '-'}"
+            f" attempt={started.attempts} status={outcome.status} seconds={time.monotonic() - begun:.3f}"
+            f" pid={self.pid}{self.retry_note}{f' error={outcome.error!r}' if outcome.error else ''}"
+        )
+        if outcome.status in (TaskStatus.COMPLETED, TaskStatus.CANCELLED):
+            info_line(log, line)
+        else:
+            log.warning("%s", line)
         return handed_over
 
     def probe(self, spec: TaskSpec, context: TaskContext, end_stuck: Callable[[Outcome], None]) -> Outcome | None:

@@ -37,9 +37,11 @@ class CurrentTask:
     def __init__(self) -> None:
         self.spec: TaskSpec | None = None
         self.context: TaskContext | None = None
+        # True once the worker is recording the task's end, which gives up its lease.
+        self.ending = False
 
     def set(self, spec: TaskSpec | None, context: TaskContext | None) -> None:
-        self.spec, self.context = spec, context
+        self.spec, self.context, self.ending = spec, context, False
 
 
 def renew_leases(state: TaskState, current: CurrentTask, owner: str, consumer: str, lease_ms: int) -> None:
@@ -52,8 +54,8 @@ def renew_leases(state: TaskState, current: CurrentTask, owner: str, consumer: s
             continue
         try:
             renewed = state.renew_lease(spec, owner, consumer, lease_ms)
-            # A task that ended between the two reads of `current` gave up its lease on purpose.
-            if not renewed and current.spec is spec:
+            # A task whose end is being recorded, or that ended meanwhile, gave up its lease on purpose.
+            if not renewed and current.spec is spec and not current.ending:
                 log.warning("lease lost task_id=%s provider=%s pid=%d", spec.id, spec.provider, os.getpid())
         except redis.RedisError as exc:
             log.warning("lease renewal failed task_id=%s provider=%s error=%s", spec.id, spec.provider, exc)

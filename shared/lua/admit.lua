@@ -4,7 +4,10 @@
 -- cancel request that must be applied.
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
-  create_pending(KEYS[1], KEYS[2], ARGV[1], ARGV, 2)
+  if create_pending(KEYS[1], KEYS[2], ARGV[1], ARGV, 2) then
+    -- The hash contains only what was just written, so no cancel request.
+    return 'pending'
+  end
   status = 'pending'
 end
 if not TERMINAL[status] and redis.call('HEXISTS', KEYS[1], 'cancel_request_user') == 1 then

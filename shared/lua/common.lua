@@ -12,9 +12,10 @@ end
 local HISTORY_LENGTH = 100
 
 -- Append the task's full current state to its provider's event stream, and a short
--- line to the task's history list.
-local function emit(task_key, events_key, maxlen, instance_status, instance_changed)
-  local flat = redis.call('HGETALL', task_key)
+-- line to the task's history list. `known`, when given, is the whole task hash as
+-- field/value pairs, which saves reading it back; emit appends to it.
+local function emit(task_key, events_key, maxlen, instance_status, instance_changed, known)
+  local flat = known or redis.call('HGETALL', task_key)
   local state = {}
   for i = 1, #flat, 2 do
     state[flat[i]] = flat[i + 1]
@@ -45,7 +46,9 @@ local function emit(task_key, events_key, maxlen, instance_status, instance_chan
 end
 
 -- Create the task hash in state pending from the field/value pairs of `args`, starting
--- at index `first`.
+-- at index `first`, whose names differ from each other and from the fields set here.
+-- Returns true when the hash contains no other fields. It may: a producer can store a
+-- cancel request in it before the task is registered.
 local function create_pending(task_key, events_key, maxlen, args, first)
   local t = now()
   local fields = {'status', 'pending', 'progress', '0', 'message', '', 'error', '', 'result', '', 'attempts', '0',
@@ -54,7 +57,9 @@ local function create_pending(task_key, events_key, maxlen, args, first)
     fields[#fields + 1] = args[i]
   end
   redis.call('HSET', task_key, unpack(fields))
-  emit(task_key, events_key, maxlen, nil, false)
+  local alone = redis.call('HLEN', task_key) * 2 == #fields
+  emit(task_key, events_key, maxlen, nil, false, alone and fields or nil)
+  return alone
 end
 
 -- Turn a stream entry id into a member of an instance queue. Both parts are padded
