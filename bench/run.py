@@ -90,7 +90,11 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="profile taskvisor with py-spy during one throughput run instead of benchmarking,"
                              " and write bench/results/profile-<name>.md")
+    parser.add_argument("--cpu-only", action="store_true",
+                        help="with --profile, measure the CPU of each process without py-spy, which takes CPU of its own")
     arguments = parser.parse_args()
+    if arguments.cpu_only and not arguments.profile:
+        parser.error("--cpu-only works only with --profile")
 
     names = arguments.only.split(",") if arguments.only else list(SYSTEMS)
     unknown = [name for name in names if name not in SYSTEMS]
@@ -278,7 +282,9 @@ def main() -> int:
             from harness.profiling import profile_taskvisor
 
             output_path = os.path.join(BENCH_DIR, "results", f"profile-{arguments.name}.md")
-            profile_taskvisor(server, RunContext(server.url, scratch, taskvisor_dir), settings["tasks"], output_path, results)
+            profile_context = RunContext(server.url, scratch, taskvisor_dir, concurrency=settings["concurrency"][0])
+            profile_taskvisor(server, profile_context, settings["tasks"], output_path, results,
+                              sample=not arguments.cpu_only)
             return 0
         results.update(run_benchmarks(server, mariadb, scratch, taskvisor_dir, settings))
     finally:

@@ -163,7 +163,9 @@ def summary_markdown(role: str, path: str, seconds: float) -> list[str]:
     return lines + [""]
 
 
-def profile_taskvisor(server: PrivateRedis, context: RunContext, count: int, output_path: str, results: dict) -> None:
+def profile_taskvisor(server: PrivateRedis, context: RunContext, count: int, output_path: str, results: dict,
+                      sample: bool = True) -> None:
+    """Profile one drain of `count` tasks; without `sample`, count each process's CPU with no py-spy attached."""
     system = SYSTEMS["taskvisor"]
     py_spy = os.path.join(os.path.dirname(venv_python("peers")), "py-spy")
     output_dir = os.path.join(context.scratch, "profile")
@@ -177,20 +179,22 @@ def profile_taskvisor(server: PrivateRedis, context: RunContext, count: int, out
     running = system.start(context)
     recorders: dict[str, subprocess.Popen] = {}
     try:
-        processes = wait_for_processes(os.path.join(REPO_DIR, running.log_path), expected=6, timeout=15)
+        # The workers, the intake, the mirror, the monitor and the supervisor.
+        processes = wait_for_processes(os.path.join(REPO_DIR, running.log_path), expected=context.concurrency + 4,
+                                       timeout=15)
         cpu_before = {role: process_cpu_seconds(pid) for role, pid in processes.items()}
         redis_cpu_before = server.cpu_seconds()
         server.client.config_resetstat()
         begin = time.perf_counter()
-        for role, pid in processes.items():
+        for role, pid in processes.items() if sample else ():
             path = os.path.join(output_dir, f"{role.replace(':', '-')}.txt")
             recorders[role] = subprocess.Popen(
                 [py_spy, "record", "--pid", str(pid), "--rate", str(SAMPLE_RATE), "--format", "raw", "--nolineno",
                  "--nonblocking", "--output", path],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-        time.sleep(1.0)
-        for role, pid in processes.items():
+        for role, pid in processes.items() if sample else ():
+            time.sleep(1.0 / len(processes))
             dump = subprocess.run([py_spy, "dump", "--pid", str(pid), "--nonblocking"], capture_output=True, text=True,
                                   check=False)
             with open(os.path.join(output_dir, f"{role.replace(':', '-')}-dump.txt"), "w", encoding="utf-8") as handle:
@@ -216,13 +220,17 @@ def profile_taskvisor(server: PrivateRedis, context: RunContext, count: int, out
         f"- Command: `{results['command']}`",
         f"- taskvisor commit: {results['versions']['taskvisor_commit']}",
         f"- Machine: {results['machine']['cores']} cores, {results['machine']['cpu_model']}",
-        (f"- Workload: a backlog of {count:,} no-op tasks, as in the throughput measurement;"
-         f" drained and mirrored in {seconds:.1f} s while py-spy {results['versions']['peers_environment']['py-spy']}"
-         f" sampled every process ({SAMPLE_RATE} Hz, --nonblocking, idle samples left out, one py-spy per process)."),
+        (f"- Workload: a backlog of {count:,} no-op tasks at concurrency {context.concurrency},"
+         f" as in the throughput measurement; drained and mirrored in {seconds:.1f} s"),
         f"- Load average at start: {results['load_average_start']}",
-        f"- Raw collapsed stacks and one dump per process: {os.path.relpath(output_dir, REPO_DIR)}",
-        "",
     ]  # fmt: skip
+    if sample:
+        lines[-2] += (f" while py-spy {results['versions']['peers_environment']['py-spy']} sampled every process"
+                      f" ({SAMPLE_RATE} Hz, --nonblocking, idle samples left out, one py-spy per process).")
+        lines.append(f"- Raw collapsed stacks and one dump per process: {os.path.relpath(output_dir, REPO_DIR)}")
+    else:
+        lines[-2] += " with no sampler attached (--cpu-only)."
+    lines.append("")
     lines += cpu_markdown(cpu_used, count, seconds)
     lines += commands_markdown(command_stats, count)
     for role in sorted(recorders):
