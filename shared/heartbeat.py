@@ -247,7 +247,7 @@ class HeartbeatTable:
         return slots
 
     def publish(self, contents: bytes) -> bool:
-        """Replace the board's contents; False when they do not fit. Only one process may write."""
+        """Replace the board's contents, or return False when they do not fit. Only one process may write."""
         board = self.board
         if _BOARD_HEADER.size + len(contents) > len(board):
             return False
@@ -347,7 +347,7 @@ class _CounterWriter:
 
 _writer: _SlotWriter | None = None
 _counters: _CounterWriter | None = None
-# The table of this process's supervisor, for the board; None outside a supervisor.
+# The table of this process's supervisor, for the board. None outside a supervisor.
 _table: HeartbeatTable | None = None
 
 
@@ -361,7 +361,7 @@ def attach(table: HeartbeatTable | None, index: int) -> None:
 
 
 def publish_board(contents: bytes) -> bool:
-    """Put `contents` on the supervisor's board; False when they do not fit. Without a table it does nothing."""
+    """Put `contents` on the supervisor's board, or return False when they do not fit. Without a table it does nothing."""
     table = _table
     return table is None or table.publish(contents)
 

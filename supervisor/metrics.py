@@ -89,7 +89,7 @@ class TaskCounts:
         self.retry_counts: dict[str, str] = {}
 
     def observe_fields(self, fields: dict[bytes, bytes]) -> bool:
-        """Count one event with its fields as Redis returns them; True when it counted."""
+        """Count one event with its fields as Redis returns them. Returns True when it counted."""
         # Most events (registered, started, progress) count for nothing: skip them
         # before decoding any field.
         if fields.get(b"status") not in COUNTED_STATUSES and not fields.get(b"retry_at"):
@@ -97,7 +97,7 @@ class TaskCounts:
         return self.observe({name: _text(fields.get(raw_name, b"")) for name, raw_name in OBSERVED_FIELDS})
 
     def observe(self, event: dict[str, str]) -> bool:
-        """Count one event: a task that ended, or an automatic retry that was scheduled; True when it counted."""
+        """Count one event: a task that ended, or an automatic retry that was scheduled. Returns True when it counted."""
         status = event.get("status", "")
         key = (event.get("provider", ""), event.get("type", ""))
         task_id = event.get("id", "")
@@ -123,7 +123,7 @@ class TaskCounts:
         return True
 
     def snapshot(self) -> bytes:
-        """Return the counts and histograms as JSON, for the board; the remembered retries are left out."""
+        """Return the counts and histograms as JSON for the board, without the remembered retries."""
         return orjson.dumps({
             "ended": [[*key, count] for key, count in self.ended.items()],
             "retries": [[*key, count] for key, count in self.retries.items()],
@@ -133,7 +133,7 @@ class TaskCounts:
 
     @classmethod
     def from_snapshot(cls, contents: bytes) -> "TaskCounts":
-        """Rebuild the counts from `snapshot`'s JSON; empty counts for b"" or contents that do not parse."""
+        """Rebuild the counts from the JSON that `snapshot` made. Returns empty counts for b"" or invalid contents."""
         counts = cls()
         if not contents:
             return counts
@@ -150,7 +150,7 @@ class TaskCounts:
                         raise ValueError(f"{len(buckets)} buckets instead of {len(histogram.counts)}")
                     histogram.counts, histogram.total = list(buckets), float(total)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            log.warning("task counts on the heartbeat board are invalid; counting starts at 0 error=%s", exc)
+            log.warning("task counts on the heartbeat board are invalid, so counting starts at 0 error=%s", exc)
             return cls()
         return counts
 

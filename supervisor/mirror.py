@@ -256,7 +256,7 @@ class Mirror:
             pipe.xack(stream, MIRROR_GROUP, *ids)
         pipe.execute()
         self.written += len(tasks)
-        # Counted once acknowledged: events read again after a failed write are not counted twice.
+        # Counted only after the acknowledgement, so events read again after a failed write are not counted twice.
         for _entry_id, fields in events:
             if self.counts.observe_fields(fields):
                 self.counts_changed = True
@@ -273,7 +273,7 @@ class Mirror:
         if not heartbeat.publish_board(snapshot) and not self.board_full_logged:
             self.board_full_logged = True
             log.error(
-                "task counts for /metrics do not fit on the heartbeat board; /metrics keeps older counts"
+                "task counts for /metrics do not fit on the heartbeat board, so /metrics keeps older counts"
                 " bytes=%d limit=%d", len(snapshot), heartbeat.BOARD_BYTES,
             )  # fmt: skip
 

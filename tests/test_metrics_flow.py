@@ -207,7 +207,7 @@ def test_task_counts_count_each_retry_once():
 
 def test_task_counts_pass_through_the_board():
     # The mirror counts events with their fields as Redis returns them and publishes the
-    # counts; the monitor reads them back from the same shared mapping.
+    # counts. The monitor reads them back from the same shared mapping.
     table = HeartbeatTable(slot_count=8)
     assert table.read_board() == b""
     assert TaskCounts.from_snapshot(table.read_board()).ended == {}

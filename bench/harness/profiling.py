@@ -165,7 +165,7 @@ def summary_markdown(role: str, path: str, seconds: float) -> list[str]:
 
 def profile_taskvisor(server: PrivateRedis, context: RunContext, count: int, output_path: str, results: dict,
                       sample: bool = True) -> None:
-    """Profile one drain of `count` tasks; without `sample`, count each process's CPU with no py-spy attached."""
+    """Profile one drain of `count` tasks. Without `sample`, count each process's CPU with no py-spy attached."""
     system = SYSTEMS["taskvisor"]
     py_spy = os.path.join(os.path.dirname(venv_python("peers")), "py-spy")
     output_dir = os.path.join(context.scratch, "profile")

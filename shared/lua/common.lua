@@ -13,7 +13,7 @@ local HISTORY_LENGTH = 100
 
 -- Append the task's full current state to its provider's event stream, and a short
 -- line to the task's history list. `known`, when given, is the whole task hash as
--- field/value pairs, which saves reading it back; emit appends to it.
+-- field/value pairs, so the hash need not be read back. emit appends to it.
 local function emit(task_key, events_key, maxlen, instance_status, instance_changed, known)
   local flat = known or redis.call('HGETALL', task_key)
   local state = {}
