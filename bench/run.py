@@ -254,6 +254,7 @@ def main() -> int:
     else:
         taskvisor_dir = os.path.join(scratch, "taskvisor-src")
         commit = environment.export_taskvisor(arguments.taskvisor_rev, taskvisor_dir)
+    environment.compile_sources(taskvisor_dir)
     environment.check_taskvisor_import(taskvisor_dir)
 
     began = time.perf_counter()

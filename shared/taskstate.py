@@ -6,6 +6,7 @@ updates the task hash and the instance hash, and appends the new state to the
 provider's event stream in the same atomic step. The SQL mirror follows that stream.
 """
 
+import functools
 import logging
 from importlib import resources
 
@@ -44,6 +45,8 @@ SCRIPT_LIBRARIES = {
 }
 
 
+# Kept per process: the supervisor builds them once, and its forked children inherit them.
+@functools.cache
 def _script_source(name: str) -> str:
     folder = resources.files("shared") / "lua"
     parts = [lua_transition_table(), (folder / "common.lua").read_text(encoding="utf-8")]

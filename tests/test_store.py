@@ -15,6 +15,7 @@ import pytest
 
 from shared.errors import StoreError
 from shared.store import InstanceRecord, Store, TaskRecord, open_store, redact_url
+from shared.store.base import format_micros
 
 # 2024-05-01 12:00:00 UTC, with a fraction that needs all six digits of microseconds.
 BASE_TIME = 1714564800.123456
@@ -179,6 +180,47 @@ def test_newer_version_wins(store: Store) -> None:
     assert task["progress"] == 40.0
     assert task["attempts"] == 1
     assert task["version"] == 2
+
+
+def test_update_keeps_registered_columns(store: Store) -> None:
+    """A newer event updates the changing columns; those a task was registered with keep their first value."""
+    store.write_batch([make_task("t1", version=1, status="pending", instance_id=None)], [])
+    later = make_task("t1", version=3, status="completed", instance_id="vm-9", progress=100.0, result='{"ip": "10.0.0.5"}',
+                      started_at=BASE_TIME + 1, completed_at=BASE_TIME + 2, updated_at=BASE_TIME + 2,
+                      user_id="mallory", task_type="delete", task_data="{}", timeout_seconds=5.0, created_at=BASE_TIME + 9)
+    store.write_batch([later], [])
+
+    task = store.get_task("t1")
+    assert task is not None
+    assert task["status"] == "completed"
+    assert task["instance_id"] == "vm-9"
+    assert task["result"] == '{"ip": "10.0.0.5"}'
+    assert task["version"] == 3
+    assert round(task["completed_at"] - task["started_at"], 6) == 1.0
+    assert task["user_id"] == "alice"
+    assert task["task_type"] == "create"
+    assert task["task_data"] == '{"image": "debian-12"}'
+    assert task["timeout_seconds"] == 300.0
+    assert round(task["created_at"] * 1_000_000) == round(BASE_TIME * 1_000_000)
+
+
+@pytest.mark.parametrize(("micros", "text"), [
+    (0, "1970-01-01 00:00:00.000000"),
+    (1714564800123456, "2024-05-01 12:00:00.123456"),
+    (1714564800999999, "2024-05-01 12:00:00.999999"),
+    (1714564801000001, "2024-05-01 12:00:01.000001"),
+    (-1, "1969-12-31 23:59:59.999999"),
+    (253402300799999999, "9999-12-31 23:59:59.999999"),
+])
+def test_time_column_text(micros: int, text: str) -> None:
+    # Twice: the second call of the same second takes the remembered date and time.
+    assert format_micros(micros) == text
+    assert format_micros(micros) == text
+
+
+def test_time_beyond_year_9999_rejected() -> None:
+    with pytest.raises(OverflowError):
+        format_micros(253402300800000000)
 
 
 def test_older_version_ignored(store: Store) -> None:

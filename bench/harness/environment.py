@@ -96,6 +96,21 @@ def export_taskvisor(revision: str, destination: str) -> str:
     return commit
 
 
+def compile_sources(taskvisor_dir: str) -> None:
+    """Write the bytecode of taskvisor's packages and of bench/apps before any system starts.
+
+    pip compiles the peers' packages when it installs them, and it compiles an
+    installed taskvisor the same way. Where PYTHONDONTWRITEBYTECODE is set, every
+    taskvisor start would otherwise compile its sources again: about 60 ms of each
+    throughput run's start-up on the 2-core reference machine.
+    """
+    folders = [os.path.join(taskvisor_dir, name) for name in ("shared", "supervisor", "worker")]
+    folders.append(os.path.join(BENCH_DIR, "apps"))
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *folders], env=env, check=True, stdout=subprocess.DEVNULL)
+
+
 def check_taskvisor_import(taskvisor_dir: str) -> None:
     """Raise SystemExit unless taskvisor's Python imports the supervisor package from `taskvisor_dir`."""
     env = dict(os.environ, PYTHONPATH=taskvisor_dir)

@@ -9,7 +9,6 @@ from urllib.parse import SplitResult, unquote, urlsplit
 from shared.errors import StoreError
 from shared.redaction import redact_url
 from shared.store.base import Store
-from shared.store.mysql import MysqlStore
 from shared.store.records import InstanceRecord, TaskRecord
 from shared.store.sqlite import SqliteStore
 
@@ -70,7 +69,7 @@ def _sqlite_path(url: str, parts: SplitResult, base_dir: str) -> str:
     return os.path.join(base_dir, path)
 
 
-def _open_mysql(url: str, parts: SplitResult) -> MysqlStore:
+def _open_mysql(url: str, parts: SplitResult) -> Store:
     if parts.query or parts.fragment:
         raise _invalid(url, "a MySQL URL takes no query or fragment")
     if not parts.hostname:
@@ -93,6 +92,9 @@ def _open_mysql(url: str, parts: SplitResult) -> MysqlStore:
         raise _invalid(url, f"the database name {database!r} contains '/'")
 
     password = unquote(parts.password) if parts.password is not None else None
+    # Imported here, so that PyMySQL is loaded only by processes that use MySQL.
+    from shared.store.mysql import MysqlStore
+
     return MysqlStore(
         host=parts.hostname,
         port=port,

@@ -11,6 +11,7 @@ import binascii
 import logging
 import math
 import threading
+import time
 from abc import ABC, abstractmethod
 from datetime import datetime, timedelta
 from typing import Any, Self
@@ -49,6 +50,11 @@ TASK_COLUMNS = (
     "updated_at",
 )
 TASK_TIME_COLUMNS = ("created_at", "started_at", "completed_at", "updated_at")
+# Columns that keep the value a task was registered with. Every event of a task carries
+# the same values, so the upserts write them only with a new row. An update that leaves
+# them also leaves the indexes on them: an SQLite update took 13 instead of 22 µs in one
+# measurement.
+TASK_FIXED_COLUMNS = ("provider_id", "user_id", "task_type", "task_data", "timeout_seconds", "created_at")
 
 INSTANCE_COLUMNS = ("id", "provider_id", "status", "last_task_id", "version", "updated_at")
 INSTANCE_TIME_COLUMNS = ("updated_at",)
@@ -67,9 +73,25 @@ def epoch_to_micros(seconds: float) -> int:
     return round(seconds * 1_000_000)
 
 
+# The last second that format_micros formatted, with its text. The times of one batch
+# mostly fall in a few seconds. One tuple, so that a thread always reads a matching pair.
+_last_second: tuple[int, str] = (-1, "")
+# The last second of year 9999. format_micros formats the seconds from 0 to this one with `time`.
+_LAST_FAST_SECOND = 253402300799
+
+
 def format_micros(micros: int) -> str:
     """Format UTC epoch microseconds as 'YYYY-MM-DD HH:MM:SS.ffffff'."""
-    return (_EPOCH + micros * _MICROSECOND).isoformat(" ", "microseconds")
+    global _last_second
+    seconds, fraction = divmod(micros, 1_000_000)
+    if not 0 <= seconds <= _LAST_FAST_SECOND:
+        # datetime raises OverflowError outside years 1-9999, which batch_parameters reports.
+        return (_EPOCH + micros * _MICROSECOND).isoformat(" ", "microseconds")
+    cached_second, text = _last_second
+    if cached_second != seconds:
+        text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, text)
+    return f"{text}.{fraction:06d}"
 
 
 def format_time(seconds: float | None) -> str | None:

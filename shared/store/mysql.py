@@ -20,6 +20,7 @@ from shared.store.base import (
     INSTANCE_COLUMNS,
     MISSING_SCHEMA_HINT,
     TASK_COLUMNS,
+    TASK_FIXED_COLUMNS,
     Store,
     batch_parameters,
     format_time,
@@ -125,8 +126,10 @@ _CREATE_SCHEMA_TABLE = f"""
 """
 
 
-def _upsert_sql(table: str, columns: tuple[str, ...], key_columns: tuple[str, ...]) -> str:
+def _upsert_sql(table: str, columns: tuple[str, ...], key_columns: tuple[str, ...], fixed: tuple[str, ...] = ()) -> str:
     """Build a versioned upsert: each column takes the incoming value only when its version is greater.
+
+    The `fixed` columns are written only when the row is inserted.
 
     `version` is assigned last because MySQL evaluates the assignments left to right, and
     every IF before it must still compare against the stored version.
@@ -136,7 +139,7 @@ def _upsert_sql(table: str, columns: tuple[str, ...], key_columns: tuple[str, ..
     assignments = [
         f"{column} = IF({newer}, VALUES({column}), {column})"
         for column in columns
-        if column not in key_columns and column != "version"
+        if column not in key_columns and column not in fixed and column != "version"
     ]
     assignments.append(f"version = IF({newer}, VALUES(version), version)")
     # PyMySQL's executemany turns this form into multi-row INSERTs, which is what makes batches fast.
@@ -146,7 +149,7 @@ def _upsert_sql(table: str, columns: tuple[str, ...], key_columns: tuple[str, ..
     )
 
 
-_TASK_UPSERT = _upsert_sql("taskvisor_tasks", TASK_COLUMNS, ("id",))
+_TASK_UPSERT = _upsert_sql("taskvisor_tasks", TASK_COLUMNS, ("id",), TASK_FIXED_COLUMNS)
 _INSTANCE_UPSERT = _upsert_sql("taskvisor_instances", INSTANCE_COLUMNS, ("provider_id", "id"))
 
 

@@ -16,6 +16,7 @@ from shared.store.base import (
     INSTANCE_COLUMNS,
     MISSING_SCHEMA_HINT,
     TASK_COLUMNS,
+    TASK_FIXED_COLUMNS,
     Store,
     batch_parameters,
     format_time,
@@ -81,9 +82,14 @@ _CREATE_SCHEMA_TABLE = """
 """
 
 
-def _upsert_sql(table: str, columns: tuple[str, ...], key: str) -> str:
-    """Build a versioned upsert: the row is updated only when the incoming version is greater."""
-    assignments = ", ".join(f"{column} = excluded.{column}" for column in columns if column not in key)
+def _upsert_sql(table: str, columns: tuple[str, ...], key: str, fixed: tuple[str, ...] = ()) -> str:
+    """Build a versioned upsert: the row is updated only when the incoming version is greater.
+
+    The `fixed` columns are written only when the row is inserted.
+    """
+    assignments = ", ".join(
+        f"{column} = excluded.{column}" for column in columns if column not in key and column not in fixed
+    )
     return (
         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
         f" ON CONFLICT ({key}) DO UPDATE SET {assignments}"
@@ -91,7 +97,7 @@ def _upsert_sql(table: str, columns: tuple[str, ...], key: str) -> str:
     )
 
 
-_TASK_UPSERT = _upsert_sql("taskvisor_tasks", TASK_COLUMNS, "id")
+_TASK_UPSERT = _upsert_sql("taskvisor_tasks", TASK_COLUMNS, "id", TASK_FIXED_COLUMNS)
 _INSTANCE_UPSERT = _upsert_sql("taskvisor_instances", INSTANCE_COLUMNS, "provider_id, id")
 
 
