@@ -14,6 +14,7 @@ A second handler writes nothing: it counts the lines that report a lost connecti
 to Redis or the database in the process's heartbeat slot, for /metrics.
 """
 
+import ast
 import logging
 import re
 import sys
@@ -72,16 +73,31 @@ def mask_url_passwords(text: str) -> str:
 
 
 def parse_key_values(message: str) -> dict[str, str]:
-    """Return the `key=value` pairs of a message such as `task ended task_id=t-1 status=failed`."""
+    """Return the `key=value` pairs of a message such as `task ended task_id=t-1 status=failed`.
+
+    A rest-of-line value written as a Python string literal (`error='...'`) is
+    returned decoded, without its quotes and escapes.
+    """
     pairs: dict[str, str] = {}
     for match in KEY_VALUE.finditer(message):
         key, value = match.groups()
         if key in REST_OF_LINE_KEYS:
-            value = message[match.start(2) :]
-        pairs.setdefault(key, value.rstrip(";,"))
-        if key in REST_OF_LINE_KEYS:
+            pairs.setdefault(key, _unquoted(message[match.start(2) :].rstrip(";,")))
             break
+        pairs.setdefault(key, value.rstrip(";,"))
     return pairs
+
+
+def _unquoted(value: str) -> str:
+    """Decode `value` when it is a string literal as repr() writes it; return any other value unchanged."""
+    if len(value) < 2 or value[0] not in "'\"" or value[-1] != value[0]:
+        return value
+    try:
+        text = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+    # Only a literal that repr() writes back the same way: "'a' 'b'" would otherwise become 'ab'.
+    return text if isinstance(text, str) and repr(text) == value else value
 
 
 class TextFormatter(logging.Formatter):

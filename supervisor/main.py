@@ -313,7 +313,10 @@ class Supervisor:
         log.info("stopping workers count=%d grace=%.0fs", self.children.count("worker"), grace)
         self.children.signal_all("worker", signal.SIGTERM)
         if not self.wait_for_children("worker", time.monotonic() + grace, until_cold_stop=True):
-            log.warning("grace period over; stopping running tasks and returning them to pending")
+            if self.cold_stop:
+                log.warning("stopping running tasks now and returning them to pending")
+            else:
+                log.warning("grace period over; stopping running tasks and returning them to pending")
             self.children.signal_all("worker", signal.SIGUSR1)
             kill_grace = max((p.driver.kill_grace for p in self.config.providers.values()), default=5.0)
             if not self.wait_for_children("worker", time.monotonic() + kill_grace + ABORT_MARGIN_SECONDS):

@@ -159,8 +159,14 @@ def test_url_passwords_masked_in_both_formats():
 def test_key_value_parsing():
     message = "task ended task_id=t-1 provider=p status=failed seconds=0.2 pid=7 error='exit 1: no such vm'"
     assert parse_key_values(message) == {
-        "task_id": "t-1", "provider": "p", "status": "failed", "seconds": "0.2", "pid": "7", "error": "'exit 1: no such vm'",
+        "task_id": "t-1", "provider": "p", "status": "failed", "seconds": "0.2", "pid": "7", "error": "exit 1: no such vm",
     }  # fmt: skip
+    # A quoted error is decoded, escapes included.
+    assert parse_key_values("""x error="it's gone;" """.strip()) == {"error": "it's gone;"}
+    assert parse_key_values(r"x error='line one\nline two'") == {"error": "line one\nline two"}
+    # Quotes that repr() would not write stay as they are.
+    assert parse_key_values("x error='a' 'b'") == {"error": "'a' 'b'"}
+    assert parse_key_values("x reason=plain text, no quotes") == {"reason": "plain text, no quotes"}
     assert parse_key_values("overdue task ended timeout=300s; its worker did not end it") == {"timeout": "300s"}
     assert parse_key_values("no pairs here") == {}
 

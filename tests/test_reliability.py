@@ -215,22 +215,45 @@ def test_manual_retry_keeps_history(tmp_path, redis_server, start_supervisor):
     assert "task 'nope' not found" in missing.stderr
 
 
-def test_create_stopped_by_shutdown_fails(tmp_path, redis_server, start_supervisor):
+def start_long_task(tmp_path, redis_server, start_supervisor, task_id: str, task_type: str, shutdown_grace: float):
+    """Run one task whose command sleeps 60 s; return the supervisor, a Redis client and the file of runs."""
     runs = tmp_path / "runs.log"
     script = write_script(tmp_path / "op.sh", f'cat >/dev/null\necho "$1 $3" >> {runs}\nexec sleep 60\n')
-    supervisor = start_supervisor({"p": command_provider(script, kill_grace=0.5)}, shutdownGrace=0.5)
+    supervisor = start_supervisor({"p": command_provider(script, kill_grace=0.5)}, shutdownGrace=shutdown_grace)
     client = redis_server.client()
-    client.xadd(STREAM, {"id": "c-1", "type": "create", "instance": "vm-1", "user": "u"})
-    wait_for(lambda: runs.exists(), 10, "the create to run")
+    client.xadd(STREAM, {"id": task_id, "type": task_type, "instance": "vm-1", "user": "u"})
+    wait_for(lambda: runs.exists(), 10, f"the {task_type} to run")
+    return supervisor, client, runs
+
+
+def test_create_stopped_by_shutdown_fails(tmp_path, redis_server, start_supervisor):
+    supervisor, client, runs = start_long_task(tmp_path, redis_server, start_supervisor, "c-1", "create", 0.5)
     assert supervisor.stop() == 0
     task = task_hash(client, "p", "c-1")
     assert (task["status"], task["interrupted"]) == ("pending", "1")
+    assert "task run stopped by shutdown; back to pending task_id=c-1 provider=p type=create" in supervisor.log()
+    assert "task ended task_id=c-1" not in supervisor.log()
 
     supervisor.start()
     wait_for(lambda: task_hash(client, "p", "c-1").get("status") == "failed", 15, "the create to fail")
     assert "is not run twice without a probe" in task_hash(client, "p", "c-1")["error"]
     assert runs.read_text().splitlines() == ["create c-1"]
     assert client.hget("taskvisor:{p}:instances", "vm-1") == b"error"
+
+
+def test_second_stop_signal_skips_grace(tmp_path, redis_server, start_supervisor):
+    supervisor, client, _runs = start_long_task(tmp_path, redis_server, start_supervisor, "s-1", "restart", 60)
+    began = time.monotonic()
+    supervisor.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: "stopping workers count=1 grace=60s" in supervisor.log(), 10, "the graceful stop to begin")
+    assert supervisor.stop(signal.SIGTERM) == 0
+    # The grace of 60 s was cut short by the second signal.
+    assert time.monotonic() - began < 20
+    log_text = supervisor.log()
+    assert "second stop signal; not waiting for running tasks to finish" in log_text
+    assert "stopping running tasks now and returning them to pending" in log_text
+    assert "grace period over" not in log_text
+    assert task_hash(client, "p", "s-1")["status"] == "pending"
 
 
 def test_supervisor_killed_loses_nothing(tmp_path, redis_server, start_supervisor):

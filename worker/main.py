@@ -471,10 +471,16 @@ class Worker:
         self.current.set(None, None)
         self.tasks_done += 1
         heartbeat.beat(task_started_at=0.0, tasks_done=self.tasks_done)
-        # A run that failed but gets an automatic retry is logged as a run, not as the task's end.
-        what = "task run failed; retry scheduled" if self.retry_note else "task ended"
+        # A run that gets an automatic retry, or that a shutdown stopped, is logged as a run:
+        # the task has not ended.
+        if self.retry_note:
+            headline = "task run failed; retry scheduled"
+        elif outcome.status == TaskStatus.PENDING:
+            headline = "task run stopped by shutdown; back to pending"
+        else:
+            headline = "task ended"
         line = (
-            f"{what} task_id={spec.id} provider={self.provider} type={spec.type} instance={spec.instance or '-'}"
+            f"{headline} task_id={spec.id} provider={self.provider} type={spec.type} instance={spec.instance or '-'}"
             f" attempt={started.attempts} status={outcome.status} seconds={time.monotonic() - begun:.3f}"
             f" pid={self.pid}{self.retry_note}{f' error={outcome.error!r}' if outcome.error else ''}"
         )
