@@ -29,7 +29,8 @@ def _version() -> str:
 @click.version_option(_version(), prog_name="taskvisor")
 @click.option("--log-level", envvar="TASKVISOR_LOG_LEVEL",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-              help="Lowest level of log lines written to stderr [default: INFO for supervise and demo, WARNING otherwise].")
+              help="Lowest level of log lines written to stderr [default: INFO for supervise and demo, WARNING otherwise;"
+                   " env TASKVISOR_LOG_LEVEL].")
 @click.option("--log-format", envvar="TASKVISOR_LOG_FORMAT", default="text", show_default=True,
               type=click.Choice(LOG_FORMATS),
               help="Log lines on stderr as plain text, or as one JSON object per line; the supervisor's "
