@@ -84,7 +84,8 @@ def parse_key_values(message: str) -> dict[str, str]:
         if key in REST_OF_LINE_KEYS:
             pairs.setdefault(key, _unquoted(message[match.start(2) :].rstrip(";,")))
             break
-        pairs.setdefault(key, value.rstrip(";,"))
+        # A value may end a tag such as `command_pid=42: started ...`, or a clause.
+        pairs.setdefault(key, value.rstrip(";,:"))
     return pairs
 
 

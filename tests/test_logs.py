@@ -167,6 +167,8 @@ def test_key_value_parsing():
     # Quotes that repr() would not write stay as they are.
     assert parse_key_values("x error='a' 'b'") == {"error": "'a' 'b'"}
     assert parse_key_values("x reason=plain text, no quotes") == {"reason": "plain text, no quotes"}
+    tagged = parse_key_values("task_id=t-1 provider=p command_pid=4242: started start command ./op.sh")
+    assert tagged == {"task_id": "t-1", "provider": "p", "command_pid": "4242"}
     assert parse_key_values("overdue task ended timeout=300s; its worker did not end it") == {"timeout": "300s"}
     assert parse_key_values("no pairs here") == {}
 
