@@ -264,10 +264,10 @@ def info_line(logger: logging.Logger, message: str) -> None:
 
     A worker logs a line for every task. In a one-off measurement with 16 workers busy
     on 2 cores, writing no line at all saved about a quarter of a worker's CPU per no-op
-    task, and writing it this way saves about half of that. With the text format and the handlers that
-    `setup_logging` installed, this writes the same line straight to the output
-    handler. In any other set-up (the JSON format, or more handlers, as in tests that
-    capture records) it calls `logger.info`.
+    task, and writing it this way saves about half of that. With the text format and
+    the handlers that `setup_logging` installed, this writes the same line straight to
+    the output handler. In any other set-up (the JSON format, or more handlers, as in
+    tests that capture records) it calls `logger.info`.
     """
     handler = _output
     if (

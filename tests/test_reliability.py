@@ -216,7 +216,7 @@ def test_manual_retry_keeps_history(tmp_path, redis_server, start_supervisor):
 
 
 def start_long_task(tmp_path, redis_server, start_supervisor, task_id: str, task_type: str, shutdown_grace: float):
-    """Run one task whose command sleeps 60 s; return the supervisor, a Redis client and the file of runs."""
+    """Start a supervisor and one task whose command sleeps 60 s. Returns the supervisor, a Redis client and the file of runs."""
     runs = tmp_path / "runs.log"
     script = write_script(tmp_path / "op.sh", f'cat >/dev/null\necho "$1 $3" >> {runs}\nexec sleep 60\n')
     supervisor = start_supervisor({"p": command_provider(script, kill_grace=0.5)}, shutdownGrace=shutdown_grace)

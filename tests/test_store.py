@@ -183,12 +183,12 @@ def test_newer_version_wins(store: Store) -> None:
 
 
 def test_update_keeps_registered_columns(store: Store) -> None:
-    """A newer event updates the changing columns; those a task was registered with keep their first value."""
+    """Check that a newer event updates the changing columns. The registered columns keep their first value."""
     store.write_batch([make_task("t1", version=1, status="pending", instance_id=None)], [])
-    later = make_task("t1", version=3, status="completed", instance_id="vm-9", progress=100.0, result='{"ip": "10.0.0.5"}',
+    newer = make_task("t1", version=3, status="completed", instance_id="vm-9", progress=100.0, result='{"ip": "10.0.0.5"}',
                       started_at=BASE_TIME + 1, completed_at=BASE_TIME + 2, updated_at=BASE_TIME + 2,
                       user_id="mallory", task_type="delete", task_data="{}", timeout_seconds=5.0, created_at=BASE_TIME + 9)
-    store.write_batch([later], [])
+    store.write_batch([newer], [])
 
     task = store.get_task("t1")
     assert task is not None
@@ -213,7 +213,7 @@ def test_update_keeps_registered_columns(store: Store) -> None:
     (253402300799999999, "9999-12-31 23:59:59.999999"),
 ])
 def test_time_column_text(micros: int, text: str) -> None:
-    # Twice: the second call of the same second takes the remembered date and time.
+    # The second call for the same second uses the cached date and time.
     assert format_micros(micros) == text
     assert format_micros(micros) == text
 

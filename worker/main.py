@@ -169,7 +169,8 @@ class Worker:
             try:
                 os.nice(levels)
             except OSError as exc:
-                log.warning("failed to lower the worker's priority provider=%s pid=%d worker_nice=%d error=%s", self.provider, os.getpid(), levels, exc)
+                log.warning("failed to lower the worker's priority provider=%s pid=%d worker_nice=%d error=%s",
+                            self.provider, os.getpid(), levels, exc)
 
     def log_stopped(self) -> None:
         log.info("worker stopped provider=%s pid=%d tasks_done=%d", self.provider, os.getpid(), self.tasks_done)

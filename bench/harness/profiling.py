@@ -213,6 +213,11 @@ def profile_taskvisor(server: PrivateRedis, context: RunContext, count: int, out
             recorder.wait(30)
         running.stop()
 
+    if sample:
+        sampler = (f"while py-spy {results['versions']['peers_environment']['py-spy']} sampled every process"
+                   f" ({SAMPLE_RATE} Hz, --nonblocking, idle samples left out, one py-spy per process).")
+    else:
+        sampler = "with no sampler attached (--cpu-only)."
     lines = [
         "# taskvisor profile",
         "",
@@ -221,15 +226,11 @@ def profile_taskvisor(server: PrivateRedis, context: RunContext, count: int, out
         f"- taskvisor commit: {results['versions']['taskvisor_commit']}",
         f"- Machine: {results['machine']['cores']} cores, {results['machine']['cpu_model']}",
         (f"- Workload: a backlog of {count:,} no-op tasks at concurrency {context.concurrency},"
-         f" as in the throughput measurement; drained and mirrored in {seconds:.1f} s"),
+         f" as in the throughput measurement; drained and mirrored in {seconds:.1f} s {sampler}"),
         f"- Load average at start: {results['load_average_start']}",
     ]  # fmt: skip
     if sample:
-        lines[-2] += (f" while py-spy {results['versions']['peers_environment']['py-spy']} sampled every process"
-                      f" ({SAMPLE_RATE} Hz, --nonblocking, idle samples left out, one py-spy per process).")
         lines.append(f"- Raw collapsed stacks and one dump per process: {os.path.relpath(output_dir, REPO_DIR)}")
-    else:
-        lines[-2] += " with no sampler attached (--cpu-only)."
     lines.append("")
     lines += cpu_markdown(cpu_used, count, seconds)
     lines += commands_markdown(command_stats, count)
