@@ -25,7 +25,31 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Options of the root command, which click accepts only before a command's name, each
+# with an example of its use.
+GLOBAL_OPTIONS = {"--log-level": "--log-level DEBUG", "--log-format": "--log-format json", "--version": "--version"}
+
+
+class RootGroup(click.Group):
+    """The root command, which says where a global option goes when it follows a command's name."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except click.NoSuchOption as exc:
+            example = GLOBAL_OPTIONS.get(exc.option_name)
+            if example is None or exc.ctx is None:
+                raise
+            if exc.option_name == "--version":
+                usage = f"{ctx.command_path} --version"
+            else:
+                command = exc.ctx.command_path[len(ctx.command_path):].strip()
+                usage = f"{ctx.command_path} {example} {command} ..."
+            message = f"{exc.option_name} is an option of taskvisor itself and goes before the command: {usage}"
+            raise click.NoSuchOption(exc.option_name, message=message, ctx=exc.ctx) from None
+
+
+@click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(_version(), prog_name="taskvisor")
 @click.option("--log-level", envvar="TASKVISOR_LOG_LEVEL",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),

@@ -229,3 +229,19 @@ def test_list_created_range(config_file):
     bogus = taskvisor("list", "--status", "broken", env=env)
     assert bogus.returncode != 0
     assert "'broken' is not one of" in bogus.stderr
+
+
+def test_global_option_after_command(tmp_path):
+    result = taskvisor("supervise", "--log-format", "json", "--config", str(tmp_path / "taskvisor.yaml"))
+    assert result.returncode == 2
+    assert (
+        "--log-format is an option of taskvisor itself and goes before the command:"
+        " python -m supervisor --log-format json supervise ..."
+    ) in result.stderr
+    nested = taskvisor("db", "init", "--log-level", "DEBUG")
+    assert nested.returncode == 2
+    assert "goes before the command: python -m supervisor --log-level DEBUG db init ..." in nested.stderr
+    # Any other unknown option keeps click's own message.
+    other = taskvisor("list", "--bogus")
+    assert other.returncode == 2
+    assert "No such option '--bogus'" in other.stderr

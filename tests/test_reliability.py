@@ -1,6 +1,7 @@
 """Crashes, interrupted runs, poison tasks, retries and the reconciliation pass, on real processes."""
 
 import os
+import re
 import signal
 import time
 
@@ -254,6 +255,8 @@ def test_second_stop_signal_skips_grace(tmp_path, redis_server, start_supervisor
     assert "stopping running tasks now and returning them to pending" in log_text
     assert "grace period over" not in log_text
     assert task_hash(client, "p", "s-1")["status"] == "pending"
+    # The stopped run is not counted as a task done: the task runs again after a restart.
+    assert re.search(r"worker stopped provider=p pid=\d+ tasks_done=0\b", log_text)
 
 
 def test_supervisor_killed_loses_nothing(tmp_path, redis_server, start_supervisor):

@@ -470,7 +470,9 @@ class Worker:
         self.current.ending = True
         handed_over = self.record(spec, outcome, started.retries)
         self.current.set(None, None)
-        self.tasks_done += 1
+        if outcome.status != TaskStatus.PENDING:
+            # A run that a shutdown stopped is not counted: its task runs again later.
+            self.tasks_done += 1
         heartbeat.beat(task_started_at=0.0, tasks_done=self.tasks_done)
         # A run that gets an automatic retry, or that a shutdown stopped, is logged as a run:
         # the task has not ended.
