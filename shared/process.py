@@ -5,6 +5,8 @@ import logging
 import os
 import signal
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
@@ -51,3 +53,12 @@ def stop_on_sigterm(owner: object) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, on_term)
+
+
+def process_alive(pid: int) -> bool:
+    """Return True when process `pid` exists on this host and is not a zombie."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

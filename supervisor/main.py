@@ -33,7 +33,7 @@ from supervisor.live_config import ConfigWatcher
 from supervisor.mirror import mirror_main
 from supervisor.reconcile import release_dead_local_owners
 from supervisor.recovery import reassign_orphans
-from supervisor.status import publish_status
+from supervisor.status import claim_name, publish_status, status_key
 from worker.drivers.reaping import enable_child_subreaper
 from worker.main import consumer_name, worker_main
 
@@ -61,6 +61,10 @@ class Supervisor:
         self.cold_stop = False
         self.watcher = watcher or ConfigWatcher(None, None, None)
         self.started_at = time.time()
+        # Tells this supervisor's status record from one that another supervisor wrote.
+        self.token = os.urandom(8).hex()
+        # Whether the last status write replaced another supervisor's record.
+        self.name_clash_logged = False
         self.next_status = 0.0
         self.published_children: tuple = ()
         # The last config with changes outside providers that was reported as needing a restart.
@@ -93,6 +97,13 @@ class Supervisor:
         loaded = self.watcher.load(self.client, config)
         if loaded is not None:
             self.config = config = loaded
+        try:
+            claim_name(self.client, self.keys, config, self.children, self.started_at, self.token)
+        except redis.RedisError as exc:
+            raise TaskvisorError(
+                f"cannot write the supervisor's status record in Redis at {redact_url(config.redis.url)}: {exc};"
+                " check that this Redis accepts writes (a master, not a replica, with memory left)"
+            ) from None
         self.state = TaskState(
             self.client, self.keys, config.redis.events_max_len, config.redis.dead_max_len, Redactor(config.secret_fields)
         )
@@ -279,9 +290,24 @@ class Supervisor:
         self.next_status = now + STATUS_INTERVAL_SECONDS
         self.published_children = children
         try:
-            publish_status(self.client, self.keys, self.config, self.children, self.started_at, self.watcher.errors)
+            replaced = publish_status(
+                self.client, self.keys, self.config, self.children, self.started_at, self.watcher.errors, self.token
+            )
         except redis.RedisError as exc:
             self.warn_redis("status not published", exc)
+            return
+        if replaced is not None and not self.name_clash_logged:
+            # Another supervisor with this name started while this one's record was
+            # missing (Redis unreachable for longer than the record lives).
+            self.name_clash_logged = True
+            log.error(
+                "another supervisor uses this supervisor's name: its workers share consumer names with this"
+                " one's, and a task could run twice; stop one of them and give each its own supervisor.name"
+                " name=%s other_pid=%s other_host=%s", self.config.supervisor.name, replaced.get("pid", "?"),
+                replaced.get("host") or "unknown",
+            )  # fmt: skip
+        elif replaced is None:
+            self.name_clash_logged = False
 
     def warn_redis(self, what: str, exc: Exception) -> None:
         if time.monotonic() - self.last_redis_warning >= REDIS_WARNING_INTERVAL:
@@ -331,7 +357,7 @@ class Supervisor:
             self.children.signal_all(None, signal.SIGKILL)
             self.wait_for_children(None, time.monotonic() + 5)
         try:
-            self.client.delete(f"{self.keys.prefix}:supervisor:{self.config.supervisor.name}")
+            self.client.delete(status_key(self.keys, self.config.supervisor.name))
         except redis.RedisError:
             pass
         log.info("supervisor stopped pid=%d", os.getpid())

@@ -26,6 +26,7 @@ import psutil
 import redis
 
 from shared.keys import PROVIDER_ID_PATTERN, Keys
+from shared.process import process_alive
 from shared.provider_settings import providers_set_key
 from shared.redis_client import text as _text
 from shared.settings import Config
@@ -57,14 +58,6 @@ def owner_pid(owner: str) -> int | None:
 
 def is_local_owner(owner: str, supervisor_name: str, provider: str) -> bool:
     return owner.startswith(f"{supervisor_name}-{provider}-")
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def release_dead_local_owners(state: TaskState, keys: Keys, supervisor_name: str, provider: str) -> list[str]:

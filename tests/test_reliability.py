@@ -3,6 +3,7 @@
 import os
 import re
 import signal
+import socket
 import time
 
 import orjson
@@ -278,6 +279,8 @@ def test_supervisor_killed_loses_nothing(tmp_path, redis_server, start_superviso
     assert time.monotonic() - restarted_at < 20
     assert sorted(set(lines(runs))) == ids
     assert "lease of a dead worker released" in supervisor.log()
+    # The killed supervisor's status record had not expired yet, and was replaced at once.
+    assert "status record of a dead supervisor with this name replaced name=test" in supervisor.log()
 
 
 def test_two_supervisors_share_limit(tmp_path, redis_server, sqlite_url):
@@ -321,6 +324,54 @@ def test_two_supervisors_share_limit(tmp_path, redis_server, sqlite_url):
     finally:
         for supervisor in supervisors:
             supervisor.kill_all()
+
+
+def test_same_name_supervisor_refused(tmp_path, redis_server, sqlite_url, start_supervisor):
+    from tests.harness import SupervisorProcess
+
+    script = write_script(tmp_path / "op.sh", 'cat >/dev/null\necho "{}"\n')
+    providers = {"p": command_provider(script)}
+    first = start_supervisor(providers)
+    client = redis_server.client()
+    wait_for(lambda: "supervisor started" in first.log(), 15, "the first supervisor to start")
+    key = "taskvisor:supervisor:test"
+    token = orjson.loads(client.get(key))["token"]
+
+    folder = tmp_path / "second"
+    folder.mkdir()
+    second = SupervisorProcess(folder, redis_server.url, sqlite_url, providers)
+    second.start()
+    try:
+        assert second.process.wait(15) == 1
+    finally:
+        second.kill_all()
+    message = (
+        f"supervisor name 'test' is in use by a running supervisor (pid {first.process.pid} on host "
+        f"{socket.gethostname()}), which keeps writing {key}"
+    )
+    assert message in second.log()
+    assert "give each supervisor its own supervisor.name in its config" in second.log()
+    assert "supervisor started" not in second.log()
+    # The first one goes on, and its record is still its own.
+    assert first.process.poll() is None
+    assert orjson.loads(client.get(key))["token"] == token
+    client.xadd(STREAM, {"id": "after", "type": "start", "instance": "vm-1", "user": "u"})
+    wait_for(lambda: task_hash(client, "p", "after").get("status") == "completed", 15, "a task after the refusal")
+
+
+def test_stale_same_name_record_awaited(tmp_path, redis_server, start_supervisor):
+    client = redis_server.client()
+    key = "taskvisor:supervisor:test"
+    # Left by a supervisor that died on another host, so it is not written again.
+    stale = {"name": "test", "pid": 4242, "host": "elsewhere", "token": "gone", "updated_at": time.time()}
+    client.set(key, orjson.dumps(stale), px=1500)
+    script = write_script(tmp_path / "op.sh", 'cat >/dev/null\necho "{}"\n')
+    supervisor = start_supervisor({"p": command_provider(script)})
+    wait_for(lambda: "supervisor started" in supervisor.log(), 15, "the supervisor to start after the record expired")
+    log_text = supervisor.log()
+    assert "waiting for the status record of an earlier supervisor with this name to expire" in log_text
+    assert "old_pid=4242 old_host=elsewhere" in log_text
+    assert orjson.loads(client.get(key))["token"] != "gone"
 
 
 def test_reconcile_overdue_and_instances(tmp_path, redis_server):
@@ -577,3 +628,20 @@ def test_bulk_retry_by_status(tmp_path, redis_server, start_supervisor, sqlite_u
     both = cli(supervisor.config_path, "retry", "b-0", "--status", "failed")
     assert both.returncode == 1
     assert "give task ids or filters" in both.stderr
+
+
+def test_record_without_expiry_refused(tmp_path, redis_server):
+    from tests.harness import SupervisorProcess
+
+    client = redis_server.client()
+    key = "taskvisor:supervisor:test"
+    client.set(key, orjson.dumps({"name": "test", "pid": 4242, "host": "elsewhere", "token": "kept"}))
+    script = write_script(tmp_path / "op.sh", 'cat >/dev/null\necho "{}"\n')
+    supervisor = SupervisorProcess(tmp_path, redis_server.url, f"sqlite:///{tmp_path / 'db.sqlite'}", {"p": command_provider(script)})
+    supervisor.start()
+    try:
+        assert supervisor.process.wait(20) == 1
+    finally:
+        supervisor.kill_all()
+    assert f"the status record {key} of supervisor name 'test' does not expire" in supervisor.log()
+    assert f"delete it (redis-cli DEL {key}) and start again" in supervisor.log()
