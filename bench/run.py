@@ -96,7 +96,10 @@ def parse_arguments() -> argparse.Namespace:
     if arguments.cpu_only and not arguments.profile:
         parser.error("--cpu-only works only with --profile")
 
-    names = arguments.only.split(",") if arguments.only else list(SYSTEMS)
+    # An empty value (say, from an unset shell variable) is refused rather than read as "every system".
+    names = list(SYSTEMS) if arguments.only is None else [name.strip() for name in arguments.only.split(",") if name.strip()]
+    if not names:
+        parser.error(f"--only {arguments.only!r} names no system; expected names from: {', '.join(SYSTEMS)}, comma-separated")
     unknown = [name for name in names if name not in SYSTEMS]
     if unknown:
         parser.error(f"unknown system {', '.join(unknown)} in --only; expected names from: {', '.join(SYSTEMS)}")
@@ -109,8 +112,10 @@ def parse_arguments() -> argparse.Namespace:
         value = getattr(arguments, option)
         if value is not None and value < 1:
             parser.error(f"invalid --{option.replace('_', '-')} value {value}: expected 1 or more")
-    arguments.concurrencies = parse_counts(parser, "--concurrency", arguments.concurrency) if arguments.concurrency else None
-    arguments.scale_counts = parse_counts(parser, "--scale-tasks", arguments.scale_tasks) if arguments.scale_tasks else None
+    arguments.concurrencies = (
+        None if arguments.concurrency is None else parse_counts(parser, "--concurrency", arguments.concurrency)
+    )
+    arguments.scale_counts = None if arguments.scale_tasks is None else parse_counts(parser, "--scale-tasks", arguments.scale_tasks)
     return arguments
 
 
