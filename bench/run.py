@@ -60,7 +60,7 @@ LOAD_SAMPLE_SECONDS = 5.0
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="2,000 tasks (500 for rq-fork), 2 runs and 300 latency tasks, 2-4 minutes on 2 cores")
+                        help="2,000 tasks (500 for rq-fork), 2 runs and 300 latency tasks, about 2.5 minutes on 2 cores")
     parser.add_argument("--only", metavar="NAME,...",
                         help=f"systems to run, comma-separated, from: {', '.join(SYSTEMS)} [default: all]")
     parser.add_argument("--measure", default="throughput,latency", metavar="KIND,...",
@@ -108,10 +108,12 @@ def parse_arguments() -> argparse.Namespace:
     if any(kind not in MEASUREMENTS for kind in arguments.kinds):
         parser.error(f"invalid --measure value {arguments.measure!r}: expected names from {', '.join(MEASUREMENTS)},"
                      " comma-separated")  # fmt: skip
-    for option in ("cancel_repetitions", "resize_repetitions", "memory_providers"):
+    for option in ("runs", "tasks", "latency_tasks", "cancel_repetitions", "resize_repetitions", "memory_providers"):
         value = getattr(arguments, option)
         if value is not None and value < 1:
             parser.error(f"invalid --{option.replace('_', '-')} value {value}: expected 1 or more")
+    if not arguments.interval_ms > 0:
+        parser.error(f"invalid --interval-ms value {arguments.interval_ms:g}: expected a number of milliseconds above 0")
     arguments.concurrencies = (
         None if arguments.concurrency is None else parse_counts(parser, "--concurrency", arguments.concurrency)
     )
@@ -248,6 +250,9 @@ class LoadSampler:
 
 def main() -> int:
     arguments = parse_arguments()
+    # The wall time and the date include the peers' installs and the source export.
+    began = time.perf_counter()
+    started = environment.now_text()
     settings = settings_for(arguments)
     environment.ensure_peer_environments()
     scratch = os.path.join(BENCH_DIR, "scratch", arguments.name)
@@ -262,7 +267,6 @@ def main() -> int:
     environment.compile_sources(taskvisor_dir)
     environment.check_taskvisor_import(taskvisor_dir)
 
-    began = time.perf_counter()
     sampler = LoadSampler()
     sampler.start()
     server = PrivateRedis(os.path.join(scratch, "redis"))
@@ -272,7 +276,7 @@ def main() -> int:
         if mariadb is not None:
             mariadb.start()
         results = {
-            "date": environment.now_text(),
+            "date": started,
             "mode": "quick" if arguments.quick else "full",
             "command": command_text(),
             "machine": environment.machine_description(),

@@ -22,6 +22,11 @@ def bench(*args: str) -> subprocess.CompletedProcess:
         (["--concurrency", ""], "invalid --concurrency value '': expected whole numbers of 1 or more"),
         (["--scale-tasks", "0"], "invalid --scale-tasks value '0': expected whole numbers of 1 or more"),
         (["--measure", "speed"], "invalid --measure value 'speed': expected names from throughput, latency"),
+        (["--tasks", "0"], "invalid --tasks value 0: expected 1 or more"),
+        (["--tasks", "-5"], "invalid --tasks value -5: expected 1 or more"),
+        (["--runs", "0"], "invalid --runs value 0: expected 1 or more"),
+        (["--latency-tasks", "0"], "invalid --latency-tasks value 0: expected 1 or more"),
+        (["--interval-ms", "-1"], "invalid --interval-ms value -1: expected a number of milliseconds above 0"),
     ],
 )
 def test_bench_rejects_bad_option(args, message):

@@ -19,7 +19,7 @@ PEER_ENVIRONMENTS = {
               ["celery", "kombu", "billiard", "rq", "dramatiq", "redis", "hiredis", "py-spy"]),
     "arq": (".venv-arq", "requirements-arq.txt", ["arq", "redis", "hiredis"]),
 }  # fmt: skip
-TASKVISOR_DISTRIBUTIONS = ["redis", "hiredis", "msgspec", "orjson", "PyYAML", "click"]
+TASKVISOR_DISTRIBUTIONS = ["redis", "hiredis", "msgspec", "orjson", "PyYAML", "click", "psutil", "PyMySQL"]
 
 
 def venv_python(name: str) -> str:

@@ -65,6 +65,21 @@ def _loads_text(runs: list[dict]) -> str:
     return ", ".join(_number(run.get("load_average_before", [None])[0], 2) for run in runs)
 
 
+# The start of each target's line in the Targets section, and the target's name for a run that did not measure it.
+TARGET_NAMES = (
+    ("- Throughput at least", f"throughput at least {THROUGHPUT_TARGET_VERSUS_CELERY:g}x Celery"),
+    (f"- Throughput at concurrency {HIGH_CONCURRENCY}", f"throughput at concurrency {HIGH_CONCURRENCY} (full mode)"),
+    ("- Latency p50", "latency p50"),
+    ("- Latency p99", "latency p99"),
+    ("- Mirror lag", "mirror lag"),
+    ("- Cancel p99", "cancel p99 (--measure cancel)"),
+    ("- New workers take tasks", "resize (--measure resize)"),
+    ("- One idle worker's USS", "idle worker's USS (--measure memory)"),
+    (f"- {report_sections.FLEET_TARGET_WORKERS} idle workers", f"{report_sections.FLEET_TARGET_WORKERS} idle workers"
+     " (--measure memory, full mode)"),
+)
+
+
 def targets_text(results: dict) -> list[str]:
     lines = []
     throughput = results.get("throughput", {})
@@ -110,6 +125,9 @@ def markdown(results: dict) -> str:
 
     targets = targets_text(results) + report_mirror_scale.target_lines(results) + report_sections.target_lines(results)
     if targets:
+        unmeasured = [name for prefix, name in TARGET_NAMES if not any(line.startswith(prefix) for line in targets)]
+        if unmeasured:
+            targets.append(f"- Not measured in this run: {'; '.join(unmeasured)}.")
         lines += ["## Targets", "", *targets, ""]
 
     failures = [
@@ -146,9 +164,10 @@ def header_lines(results: dict) -> list[str]:
         f"- Command: `{results['command']}`",
         (f"- Machine: {machine['cores']} cores, {machine['memory_gib']} GiB, {machine['cpu_model']},"
          f" Linux {machine['kernel']}, Python {machine['python']}"),
-        f"- Load average (1, 5, 15 min) at start: {results['load_average_start']}, at end: {results['load_average_end']}",
+        (f"- Load average (1, 5, 15 min) at start: {_load_averages_text(results['load_average_start'])},"
+         f" at end: {_load_averages_text(results['load_average_end'])}"),
         (f"- Highest 1-minute load average seen during the run: {results['load_average_highest']:.2f}"
-         f" ({results['load_average_samples']} samples, one every 5 s)"),
+         f" ({results['load_average_samples']} sample{'' if results['load_average_samples'] == 1 else 's'}, one every 5 s)"),
         (f"- taskvisor commit: {versions['taskvisor_commit']}; redis-server {versions['redis_server']}"
          + (f"; mariadbd {versions['mariadb_server']}" if versions.get("mariadb_server") else "")),
         f"- taskvisor environment: {_versions_text(versions['taskvisor_environment'])}",
@@ -157,6 +176,10 @@ def header_lines(results: dict) -> list[str]:
         f"- Wall time of the whole command: {results['total_seconds']:.0f} s",
         "",
     ]  # fmt: skip
+
+
+def _load_averages_text(loads: list[float]) -> str:
+    return " / ".join(f"{load:.2f}" for load in loads)
 
 
 def throughput_lines(throughput: dict, concurrency: int) -> list[str]:

@@ -27,7 +27,7 @@ def cancel_lines(cancel: dict) -> list[str]:
          " sleeping process started. Milliseconds from `time.time()` just before the cancel call to the moment"
          " the harness saw the recorded process gone (exited; psutil, polled every 1 ms) and, for taskvisor,"
          " the status `cancelled` in the status hash. Stopped = the later of the two. Nearest-rank percentiles"
-         " over the repetitions: with 20 repetitions the p99 is the maximum. Call = how long the cancel call"
+         " over the repetitions: with fewer than 100 repetitions the p99 is the maximum. Call = how long the cancel call"
          " itself took to return."),
         "",
         ("| System | Stopped p50 ms | p99 ms | max ms | Process gone p50 / p99 ms | Status cancelled p50 / p99 ms"
