@@ -340,4 +340,9 @@ def notes_for(settings: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # The private servers and the workers were stopped on the way out.
+        print("bench/run interrupted; no report written", file=sys.stderr)
+        sys.exit(130)
