@@ -63,7 +63,8 @@ class Supervisor:
         self.started_at = time.time()
         # Tells this supervisor's status record from one that another supervisor wrote.
         self.token = os.urandom(8).hex()
-        # Whether the last status write replaced another supervisor's record.
+        # Whether a status write that replaced another supervisor's record was logged; a write
+        # that replaces none clears it.
         self.name_clash_logged = False
         self.next_status = 0.0
         self.published_children: tuple = ()
