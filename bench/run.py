@@ -96,7 +96,7 @@ def parse_arguments() -> argparse.Namespace:
     if arguments.cpu_only and not arguments.profile:
         parser.error("--cpu-only works only with --profile")
 
-    # An empty value (say, from an unset shell variable) is refused rather than read as "every system".
+    # An empty value (say, from an unset shell variable) is rejected rather than read as "every system".
     names = list(SYSTEMS) if arguments.only is None else [name.strip() for name in arguments.only.split(",") if name.strip()]
     if not names:
         parser.error(f"--only {arguments.only!r} names no system; expected names from: {', '.join(SYSTEMS)}, comma-separated")

@@ -31,7 +31,7 @@ GLOBAL_OPTIONS = {"--log-level": "--log-level DEBUG", "--log-format": "--log-for
 
 
 class RootGroup(click.Group):
-    """The root command, which says where a global option goes when it follows a command's name."""
+    """The root command, whose error shows where a global option goes when it follows a command's name."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:

@@ -61,9 +61,9 @@ class Supervisor:
         self.cold_stop = False
         self.watcher = watcher or ConfigWatcher(None, None, None)
         self.started_at = time.time()
-        # Tells this supervisor's status record from one that another supervisor wrote.
+        # Distinguishes this supervisor's status record from one that another supervisor wrote.
         self.token = os.urandom(8).hex()
-        # Whether a status write that replaced another supervisor's record was logged; a write
+        # Whether a status write that replaced another supervisor's record was logged. A write
         # that replaces none clears it.
         self.name_clash_logged = False
         self.next_status = 0.0
@@ -102,7 +102,7 @@ class Supervisor:
             claim_name(self.client, self.keys, config, self.children, self.started_at, self.token)
         except redis.RedisError as exc:
             raise TaskvisorError(
-                f"cannot write the supervisor's status record in Redis at {redact_url(config.redis.url)}: {exc};"
+                f"failed to write the supervisor's status record in Redis at {redact_url(config.redis.url)}: {exc};"
                 " check that this Redis accepts writes (a master, not a replica, with memory left)"
             ) from None
         self.state = TaskState(

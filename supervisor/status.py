@@ -3,7 +3,7 @@
 Every tick the supervisor writes `<prefix>:supervisor:<name>`, a JSON object with a
 lifetime of a few seconds, so a supervisor that died disappears from the listing.
 
-The record also keeps the name to one running supervisor. Two supervisors with one
+The record also reserves the name for one running supervisor. Two supervisors with one
 name would share the workers' consumer names, and each would release the leases of
 the other's workers as those of its own dead ones, so a task could run twice. A
 supervisor therefore claims the record before it forks (`claim_name`), and warns
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Milliseconds the record lives without being written again.
 STATUS_TTL_MS = 5000
-# Seconds between two looks at another supervisor's record while waiting for it to expire.
+# Seconds between two reads of another supervisor's record while waiting for it to expire.
 CLAIM_POLL_SECONDS = 0.1
 
 
@@ -99,8 +99,9 @@ def claim_name(client: redis.Redis, keys: Keys, config: Config, children: Childr
     host = socket.gethostname()
     first_seen: dict | None = None
     waiting_logged = False
-    # A record written by a supervisor expires within STATUS_TTL_MS; one written by hand may not.
-    deadline = time.monotonic() + STATUS_TTL_MS / 1000 + 2
+    # A record written by a supervisor expires within STATUS_TTL_MS, but one written by hand may not.
+    wait_seconds = STATUS_TTL_MS / 1000 + 2
+    deadline = time.monotonic() + wait_seconds
     while True:
         if client.set(key, document, px=STATUS_TTL_MS, nx=True):
             return
@@ -118,7 +119,7 @@ def claim_name(client: redis.Redis, keys: Keys, config: Config, children: Childr
         if first_seen is None:
             first_seen = record
         elif record.get("updated_at") != first_seen.get("updated_at") or record.get("token") != first_seen.get("token"):
-            where = f"pid {record.get('pid', '?')} on host {record.get('host') or 'unknown'}"
+            where = f"pid {pid if pid is not None else '?'} on host {record.get('host') or 'unknown'}"
             raise TaskvisorError(
                 f"supervisor name {name!r} is in use by a running supervisor ({where}), which keeps writing {key}:"
                 " two supervisors with one name would share their workers' consumer names and could run a task twice;"
@@ -126,8 +127,9 @@ def claim_name(client: redis.Redis, keys: Keys, config: Config, children: Childr
             )
         if time.monotonic() > deadline:
             raise TaskvisorError(
-                f"the status record {key} of supervisor name {name!r} does not expire (written without a lifetime?):"
-                f" if no supervisor with this name runs, delete it (redis-cli DEL {key}) and start again"
+                f"the status record {key} of supervisor name {name!r} did not expire within {wait_seconds:g} s, so it"
+                " was written without a lifetime or with a longer one: if no supervisor with this name runs, delete it"
+                f" (redis-cli DEL {key}) and start again"
             )
         if not waiting_logged:
             waiting_logged = True

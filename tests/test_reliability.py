@@ -326,7 +326,7 @@ def test_two_supervisors_share_limit(tmp_path, redis_server, sqlite_url):
             supervisor.kill_all()
 
 
-def test_same_name_supervisor_refused(tmp_path, redis_server, sqlite_url, start_supervisor):
+def test_same_name_supervisor_rejected(tmp_path, redis_server, sqlite_url, start_supervisor):
     from tests.harness import SupervisorProcess
 
     script = write_script(tmp_path / "op.sh", 'cat >/dev/null\necho "{}"\n')
@@ -630,7 +630,7 @@ def test_bulk_retry_by_status(tmp_path, redis_server, start_supervisor, sqlite_u
     assert "give task ids or filters" in both.stderr
 
 
-def test_record_without_expiry_refused(tmp_path, redis_server):
+def test_record_without_expiry_rejected(tmp_path, redis_server):
     from tests.harness import SupervisorProcess
 
     client = redis_server.client()
@@ -643,5 +643,5 @@ def test_record_without_expiry_refused(tmp_path, redis_server):
         assert supervisor.process.wait(20) == 1
     finally:
         supervisor.kill_all()
-    assert f"the status record {key} of supervisor name 'test' does not expire" in supervisor.log()
+    assert f"the status record {key} of supervisor name 'test' did not expire within 7 s" in supervisor.log()
     assert f"delete it (redis-cli DEL {key}) and start again" in supervisor.log()
